@@ -1,0 +1,130 @@
+// The block node: every protocol, format, filter and synthesized disk has this shape
+// (qemu's BlockDriverState, nbdkit's `next`). Requests that reach a node have already been
+// checked by lib/core/io.ts: in bounds and aligned to `align`.
+import type { OptionTree } from './options';
+import type { SecretStore } from './secrets';
+
+export type ExtentState = 'data' | 'zero' | 'unallocated';
+
+/** Where the guest bytes of an extent live untransformed in a host file. */
+export interface HostLocation {
+  fd: number;
+  offset: number;
+  /** overwriting in place is safe: allocated, not shared with a snapshot, no transformation */
+  writable: boolean;
+  /** fd was opened with O_DIRECT */
+  direct: boolean;
+}
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** 'unallocated' = this layer has nothing: the backing node (or zeros) shows through */
+  state: ExtentState;
+  /** present when reads of this range may be served straight from a host file */
+  host?: HostLocation;
+}
+
+export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
+export interface WriteFlags { fua?: boolean }
+export interface ZeroFlags { mayUnmap?: boolean; noFallback?: boolean }
+
+/** Called by a node before it changes how a guest range maps to host storage. */
+export type MapInvalidator = (offset: number, length: number) => void;
+
+export interface SnapshotInfo {
+  id: string;
+  name: string;
+  vmStateSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: number;
+  icount?: number;
+}
+
+export interface BlockNode {
+  readonly driver: string;
+  /** guest-visible size in bytes */
+  readonly size: number;
+  readonly readOnly: boolean;
+  /** request alignment in bytes (1 = any) */
+  readonly align: number;
+  /** the node whose data shows through 'unallocated' extents */
+  readonly backing?: BlockNode | null;
+  /** the node holding this node's bytes (a format's file), for info and locking */
+  readonly file?: BlockNode | null;
+  /** filename as qemu prints it */
+  readonly filename: string;
+
+  read(buf: Uint8Array, offset: number): Promise<void>;
+  write?(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void>;
+  writeZeroes?(offset: number, length: number, flags?: ZeroFlags): Promise<void>;
+  discard?(offset: number, length: number): Promise<void>;
+  flush?(): Promise<void>;
+  /** the extent starting at `offset`, at most `length` long; this layer only */
+  blockStatus(offset: number, length: number): Promise<Extent>;
+  close(): Promise<void>;
+  /** resizes the node (protocols: the host file; formats: the virtual disk) */
+  truncate?(size: number, prealloc?: Preallocation): Promise<void>;
+
+  /** bytes the node occupies on the host (for info's disk size and st_blocks) */
+  allocatedSize?(): Promise<number>;
+  /** set by the FUSE export; nodes call it before changing a guest range's host mapping */
+  mapInvalidator?: MapInvalidator | null;
+  /** format-specific data for `info` (qemu-img's "format-specific" object) */
+  formatSpecific?(): Promise<{ type: string; data: Record<string, unknown> } | null>;
+  /** qemu-img info's extra top-level keys (cluster-size, backing-filename, dirty-flag...) */
+  infoExtra?(): Promise<Record<string, unknown>>;
+  snapshots?(): Promise<SnapshotInfo[]>;
+}
+
+/** What a format driver receives when it opens an image. */
+export interface OpenContext {
+  /** the format's own options (generic keys such as driver/file/cache removed) */
+  options: OptionTree;
+  readOnly: boolean;
+  secrets: SecretStore;
+  /** the image's filename as the user gave it (relative backing names resolve against it) */
+  filename: string;
+  /** opens the backing node named in the header (null: none), honouring the user's `backing`
+   *  options (backing=null, backing.driver=..., backing.file.filename=...); read-only */
+  openBacking(filename: string | null, format: string | null): Promise<BlockNode | null>;
+  /** opens another child such as a data file; `key` names the user's override options */
+  openChild(key: string, filename: string, format: string | null, readOnly: boolean): Promise<BlockNode>;
+}
+
+export interface CreateContext {
+  options: OptionTree;
+  secrets: SecretStore;
+  size: number | null;
+  filename: string;
+  /** opens a node (e.g. backing file) to learn its size or copy data */
+  open(filename: string, format?: string): Promise<BlockNode>;
+}
+
+export interface CheckResult {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  imageEndOffset?: number;
+  totalClusters?: number;
+  allocatedClusters?: number;
+  fragmentedClusters?: number;
+  compressedClusters?: number;
+  messages: string[];
+}
+
+export interface FormatDriver {
+  name: string;
+  /** score 0..100 from the first bytes (at least 4096 or the whole file) and the filename */
+  probe?(head: Uint8Array, filename: string): number;
+  /** true for formats that may be probed; raw never is */
+  open(file: BlockNode, ctx: OpenContext): Promise<BlockNode>;
+  create?(ctx: CreateContext): Promise<void>;
+  check?(file: BlockNode, ctx: OpenContext, repair: 'none' | 'leaks' | 'all'): Promise<CheckResult>;
+  /** creation options this driver accepts (for validation and --help) */
+  createOptions?: string[];
+  readOnlyFormat?: boolean;
+}

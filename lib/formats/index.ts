@@ -1,0 +1,67 @@
+// The format registry. Adding a format is adding its folder and one line here.
+import { ImgError } from '../core/errors';
+import type { FormatDriver } from '../core/node';
+import { rawDriver } from './raw';
+
+const ascii = (head: Uint8Array, at: number, s: string): boolean =>
+  head.length >= at + s.length && Buffer.from(head.buffer, head.byteOffset + at, s.length).toString('latin1') === s;
+const be32 = (h: Uint8Array, at: number): number => (h.length >= at + 4 ? Buffer.from(h.buffer, h.byteOffset).readUInt32BE(at) : -1);
+const le32 = (h: Uint8Array, at: number): number => (h.length >= at + 4 ? Buffer.from(h.buffer, h.byteOffset).readUInt32LE(at) : -1);
+
+/** A format we recognise but do not read yet: probing it must not fall back to raw. */
+function pending(name: string, issue: number, probe: (h: Uint8Array, f: string) => number): FormatDriver {
+  return {
+    name,
+    probe,
+    async open() {
+      throw new ImgError('unsupported', `${name} images are not supported yet (planned in issue ${issue})`);
+    },
+    async create() {
+      throw new ImgError('unsupported', `creating ${name} images is not supported yet (planned in issue ${issue})`);
+    },
+  };
+}
+
+const QCOW_MAGIC = 0x514649fb;
+
+export const drivers: FormatDriver[] = [
+  rawDriver,
+  pending('qcow2', 3, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) >= 2 ? 100 : 0)),
+  pending('qcow', 4, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) === 1 ? 100 : 0)),
+  pending('qed', 4, (h) => (ascii(h, 0, 'QED\0') ? 100 : 0)),
+  pending('vdi', 4, (h) => (le32(h, 0x40) === 0xbeda107f ? 100 : 0)),
+  pending('vmdk', 4, (h) => (ascii(h, 0, 'KDMV') || ascii(h, 0, 'COWD') || ascii(h, 0, '# Disk DescriptorFile') ? 100 : 0)),
+  pending('vpc', 4, (h) => (ascii(h, 0, 'conectix') ? 100 : 0)),
+  pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
+  pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
+  pending('luks', 6, (h) => (ascii(h, 0, 'LUKS\xba\xbe') ? 100 : 0)),
+  pending('bochs', 5, (h) => (ascii(h, 0, 'Bochs Virtual HD Image') ? 100 : 0)),
+  pending('cloop', 5, (h) => (ascii(h, 0, '#!/bin/sh\n#V2.0 Format\n') ? 2 : 0)),
+  pending('dmg', 5, (_h, f) => (f.toLowerCase().endsWith('.dmg') ? 2 : 0)),
+];
+
+export function registerDriver(d: FormatDriver): void {
+  const i = drivers.findIndex((x) => x.name === d.name);
+  if (i >= 0) drivers[i] = d;
+  else drivers.push(d);
+}
+
+export function findDriver(name: string): FormatDriver {
+  const d = drivers.find((x) => x.name === name);
+  if (!d) throw new ImgError('usage', `Unknown driver '${name}'`);
+  return d;
+}
+
+/** The best-scoring format for the head of a file; raw when nothing matches. */
+export function probeFormat(head: Uint8Array, filename: string): FormatDriver {
+  let best = rawDriver;
+  let score = 0;
+  for (const d of drivers) {
+    if (d === rawDriver || !d.probe) continue;
+    const s = d.probe(head, filename);
+    if (s > score) { score = s; best = d; }
+  }
+  return best;
+}
+
+export const FORMAT_NAMES = ['raw', 'qcow2', 'qcow', 'qed', 'vdi', 'vmdk', 'vpc', 'vhdx', 'luks', 'parallels', 'bochs', 'cloop', 'dmg'];

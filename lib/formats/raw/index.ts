@@ -1,0 +1,79 @@
+// raw: the guest sees the file's bytes (optionally a window: offset=, size=).
+import { ImgError } from '../../core/errors';
+import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, Preallocation, WriteFlags, ZeroFlags } from '../../core/node';
+import { OptionReader } from '../../core/options';
+import { createFile } from '../../protocols/file';
+
+class RawNode implements BlockNode {
+  readonly driver = 'raw';
+  readonly readOnly: boolean;
+  readonly align: number;
+  readonly backing = null;
+  mapInvalidator = null;
+  constructor(readonly file: BlockNode, private offset: number, private fixedSize: number | null, readOnly: boolean) {
+    this.readOnly = readOnly;
+    this.align = file.align;
+  }
+
+  get filename(): string { return this.file.filename; }
+  get size(): number {
+    return this.fixedSize ?? Math.max(0, this.file.size - this.offset);
+  }
+
+  read(buf: Uint8Array, offset: number): Promise<void> { return this.file.read(buf, offset + this.offset); }
+  write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
+    return this.file.write!(buf, offset + this.offset, flags);
+  }
+  async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    if (this.file.writeZeroes) return this.file.writeZeroes(offset + this.offset, length, flags);
+    throw new ImgError('unsupported', 'write zeroes not supported');
+  }
+  async discard(offset: number, length: number): Promise<void> {
+    if (this.file.discard) await this.file.discard(offset + this.offset, length);
+  }
+  async flush(): Promise<void> { if (this.file.flush) await this.file.flush(); }
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    const ext = await this.file.blockStatus(offset + this.offset, length);
+    return {
+      offset,
+      length: Math.min(ext.length, length),
+      state: ext.state === 'unallocated' ? 'zero' : ext.state,
+      host: ext.host ? { ...ext.host } : undefined,
+    };
+  }
+  async truncate(size: number, prealloc?: Preallocation): Promise<void> {
+    if (this.fixedSize !== null || this.offset) throw new ImgError('unsupported', 'cannot resize a raw image with offset or size options');
+    if (!this.file.truncate) throw new ImgError('unsupported', 'the protocol cannot resize');
+    await this.file.truncate(size, prealloc);
+  }
+  async allocatedSize(): Promise<number> { return this.file.allocatedSize ? this.file.allocatedSize() : this.size; }
+  async close(): Promise<void> { await this.file.close(); }
+}
+
+export const rawDriver: FormatDriver = {
+  name: 'raw',
+  // raw is what remains when nothing else matched; it is never probed into a format
+  probe: () => 1,
+  createOptions: ['size', 'preallocation'],
+  async open(file: BlockNode, ctx: OpenContext): Promise<BlockNode> {
+    const r = new OptionReader(ctx.options, 'raw');
+    const offset = r.int('offset', 0);
+    const sizeOpt = r.str('size');
+    r.finish();
+    if (offset > file.size) throw new ImgError('image', `raw: offset ${offset} is beyond the end of the file (${file.size} bytes)`);
+    let fixed: number | null = null;
+    if (sizeOpt !== undefined) {
+      fixed = new OptionReader({ size: sizeOpt }, 'raw').int('size', 0);
+      if (offset + fixed > file.size) throw new ImgError('image', `raw: offset+size (${offset + fixed}) is beyond the end of the file (${file.size} bytes)`);
+    }
+    return new RawNode(file, offset, fixed, ctx.readOnly);
+  },
+  async create(ctx: CreateContext): Promise<void> {
+    const r = new OptionReader(ctx.options, 'raw');
+    const prealloc = r.choice('preallocation', ['off', 'falloc', 'full'] as const, 'off');
+    r.markUsed('size');
+    r.finish();
+    if (ctx.size === null) throw new ImgError('usage', 'raw: image size required');
+    await createFile(ctx.filename, ctx.size, prealloc);
+  },
+};
