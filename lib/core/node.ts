@@ -76,6 +76,16 @@ export interface BlockNode {
   /** qemu-img info's extra top-level keys (cluster-size, backing-filename, dirty-flag...) */
   infoExtra?(): Promise<Record<string, unknown>>;
   snapshots?(): Promise<SnapshotInfo[]>;
+  /** internal snapshots (qemu-img snapshot -c/-a/-d) */
+  snapshotCreate?(tag: string): Promise<void>;
+  snapshotApply?(idOrTag: string): Promise<void>;
+  snapshotDelete?(idOrTag: string): Promise<void>;
+  /** a read-only node showing an internal snapshot's disk (mount -l, <mnt>/snapshots/) */
+  openSnapshot?(idOrTag: string): Promise<BlockNode>;
+  /** rewrite the header's backing file name/format (qemu-img rebase -u, commit) */
+  setBacking?(filename: string | null, format: string | null): Promise<void>;
+  /** empties the image (after commit): every cluster becomes unallocated */
+  makeEmpty?(): Promise<void>;
 }
 
 /** What a format driver receives when it opens an image. */
