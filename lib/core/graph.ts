@@ -112,20 +112,7 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
   if (driver !== undefined && PROTOCOLS.has(driver)) {
     return openProtocol(tree, ctx, readOnly, role, shareRw);
   }
-  // the format's file child: file=<tree>|<filename>, or the top-level filename
-  let fileTree: OptionTree;
-  const f = tree.file;
-  if (f === undefined) {
-    if (filename === undefined) throw new ImgError('usage', `${driver ?? 'image'}: no filename given (file.filename=...)`);
-    fileTree = { filename };
-  } else if (typeof f === 'string') {
-    fileTree = { filename: f };
-  } else {
-    fileTree = cloneTree(f);
-    if (filename !== undefined && fileTree.filename === undefined) fileTree.filename = filename;
-  }
-  if (fileTree.driver === undefined) fileTree.driver = 'file';
-  if (fileTree.cache === undefined && tree.cache !== undefined) fileTree.cache = tree.cache;
+  const fileTree = fileTreeOf(tree, driver, filename);
   const file = await openTree(fileTree, ctx, readOnly, role);
   try {
     let drv;
@@ -186,6 +173,34 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
     await file.close().catch(() => undefined);
     throw e;
   }
+}
+
+/** The protocol subtree of a format's options: file=<tree>|<filename>, or the top-level filename. */
+function fileTreeOf(tree: OptionTree, driver: string | undefined, filename: string | undefined): OptionTree {
+  let fileTree: OptionTree;
+  const f = tree.file;
+  if (f === undefined) {
+    if (filename === undefined) throw new ImgError('usage', `${driver ?? 'image'}: no filename given (file.filename=...)`);
+    fileTree = { filename };
+  } else if (typeof f === 'string') {
+    fileTree = { filename: f };
+  } else {
+    fileTree = cloneTree(f);
+    if (filename !== undefined && fileTree.filename === undefined) fileTree.filename = filename;
+  }
+  if (fileTree.driver === undefined) fileTree.driver = 'file';
+  if (fileTree.cache === undefined && tree.cache !== undefined) fileTree.cache = tree.cache;
+  return fileTree;
+}
+
+/** Opens only the protocol node under an image (check and repair work on it directly). */
+export async function openProtocolOf(spec: string, o: OpenOptions = {}): Promise<BlockNode> {
+  const tree = imageTree(spec, o);
+  const driver = str(tree, 'driver');
+  if (driver !== undefined && PROTOCOLS.has(driver)) throw new ImgError('usage', `${spec}: no image format over the ${driver} protocol`);
+  const ctx: Ctx = { secrets: o.secrets ?? new SecretStore(), locking: o.locking ?? 'auto', shareRw: o.shareRw ?? false,
+    cache: o.cache ?? 'writeback', noBacking: true, depth: 0, opened: new Set() };
+  return openTree(fileTreeOf(tree, driver, str(tree, 'filename')), ctx, !!o.readOnly, 'image');
 }
 
 /** qemu resolves a relative backing filename against the directory of the image that names it. */

@@ -26,7 +26,7 @@ export interface Extent {
 }
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full';
-export interface WriteFlags { fua?: boolean }
+export interface WriteFlags { fua?: boolean; /** write compressed clusters (convert -c) */ compressed?: boolean }
 export interface ZeroFlags { mayUnmap?: boolean; noFallback?: boolean }
 
 /** Called by a node before it changes how a guest range maps to host storage. */

@@ -1,0 +1,158 @@
+// The mount server: opens the image graph, exports it through FUSE, and shuts down cleanly
+// when the kernel unmounts it (unmount, fusermount3 -u) or on SIGINT/SIGTERM.
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import createDebug from 'debug';
+import { ImgError } from '../core/errors';
+import { CacheMode, openImage } from '../core/graph';
+import type { LockMode } from '../core/lock';
+import { loadNative, MNT_DETACH } from '../core/native';
+import type { BlockNode } from '../core/node';
+import type { OptionTree } from '../core/options';
+import { SecretStore } from '../core/secrets';
+import { ExportFile, FuseExport } from './export';
+import { removeState, writeState } from './runtime';
+
+const debug = createDebug('imgmount:serve');
+
+export interface ServeConfig {
+  image: string;
+  format?: string;
+  options?: OptionTree;
+  imageOpts?: boolean;
+  secrets: ReturnType<SecretStore['toJSON']>;
+  mountpoint: string;
+  createdMountpoint: boolean;
+  readOnly: boolean;
+  snapshot: boolean;
+  loadSnapshot?: string;
+  locking: LockMode;
+  shareRw: boolean;
+  cache: CacheMode;
+  allowOther: boolean;
+  threads?: number;
+}
+
+/** Safe file name for a snapshot tag (no '/', no leading dot). */
+export function snapshotFileName(tag: string): string {
+  return `${tag.replace(/[/\0]/g, '_').replace(/^\.+/, '_') || '_'}.raw`;
+}
+
+async function buildFiles(cfg: ServeConfig, secrets: SecretStore): Promise<{ files: ExportFile[]; nodes: BlockNode[] }> {
+  if (cfg.snapshot) {
+    throw new ImgError('unsupported', 'snapshot mode (-s) needs the qcow2 overlay, planned in issue 3');
+  }
+  const readOnly = cfg.readOnly || cfg.loadSnapshot !== undefined;
+  const node = await openImage(cfg.image, {
+    format: cfg.format, options: cfg.options, imageOpts: cfg.imageOpts, readOnly,
+    secrets, locking: cfg.locking, shareRw: cfg.shareRw, cache: cfg.cache,
+  });
+  const nodes: BlockNode[] = [node];
+  const files: ExportFile[] = [];
+  try {
+    if (cfg.loadSnapshot !== undefined) {
+      if (!node.openSnapshot) throw new ImgError('unsupported', `${cfg.image}: the ${node.driver} format has no internal snapshots`);
+      const snap = await node.openSnapshot(cfg.loadSnapshot);
+      nodes.push(snap);
+      files.push({ path: 'disk.raw', node: snap, readOnly: true });
+    } else {
+      files.push({ path: 'disk.raw', node, readOnly: node.readOnly });
+    }
+    if (node.snapshots && node.openSnapshot) {
+      const seen = new Set<string>();
+      for (const s of await node.snapshots()) {
+        let name = snapshotFileName(s.name || s.id);
+        if (seen.has(name)) name = snapshotFileName(`${s.name}-${s.id}`);
+        seen.add(name);
+        const sn = await node.openSnapshot(s.id);
+        nodes.push(sn);
+        files.push({ path: `snapshots/${name}`, node: sn, readOnly: true });
+      }
+    }
+  } catch (e) {
+    for (const n of nodes.reverse()) await n.close().catch(() => undefined);
+    throw e;
+  }
+  return { files, nodes };
+}
+
+/** Kernel-side unmount of our own mountpoint (root: umount2; else fusermount3 -u). */
+export async function kernelUnmount(mountpoint: string, lazy: boolean): Promise<number> {
+  const nat = loadNative();
+  if (process.getuid?.() === 0 && nat) {
+    let err = nat.umount(mountpoint, lazy ? MNT_DETACH : 0);
+    if (err === 16 /* EBUSY */ && lazy) err = nat.umount(mountpoint, MNT_DETACH);
+    return err;
+  }
+  return new Promise((resolve) => {
+    const p = spawn('fusermount3', lazy ? ['-u', '-z', '--', mountpoint] : ['-u', '--', mountpoint], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    p.stderr.on('data', (d: Buffer) => { err += d.toString(); });
+    p.on('error', () => resolve(2));
+    p.on('exit', (code) => resolve(code === 0 ? 0 : /busy/i.test(err) ? 16 : 5));
+  });
+}
+
+/**
+ * Runs a server until it is unmounted. `ready` is called once disk.raw is usable (or with
+ * the error that prevented it); the promise resolves with the exit code.
+ */
+export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void): Promise<number> {
+  const secrets = SecretStore.fromJSON(cfg.secrets);
+  let built: { files: ExportFile[]; nodes: BlockNode[] };
+  try {
+    built = await buildFiles(cfg, secrets);
+  } catch (e) {
+    ready(e as Error);
+    return 1;
+  }
+  const exp = new FuseExport(built.files, {
+    mountpoint: cfg.mountpoint,
+    allowOther: cfg.allowOther,
+    fsname: `imgmount:${cfg.image.startsWith('json:') ? 'json' : cfg.image}`.slice(0, 200).replace(/[,\s]/g, '_'),
+    threads: cfg.threads,
+  });
+  const closeNodes = async (): Promise<void> => {
+    for (const n of [...built.nodes].reverse()) {
+      try { await n.flush?.(); } catch (e) { debug('flush: %s', (e as Error).message); }
+      await n.close().catch((e) => debug('close: %s', (e as Error).message));
+    }
+  };
+  try {
+    await exp.start();
+  } catch (e) {
+    await closeNodes();
+    ready(e as Error);
+    return 1;
+  }
+  writeState({ pid: process.pid, mountpoint: cfg.mountpoint, image: cfg.image.startsWith('json:') ? 'json:...' : cfg.image, createdMountpoint: cfg.createdMountpoint, started: Date.now() });
+  let stopping = false;
+  const onSignal = (): void => {
+    if (stopping) return;
+    stopping = true;
+    debug('signal: unmounting %s', cfg.mountpoint);
+    void kernelUnmount(cfg.mountpoint, false).then(async (err) => {
+      if (err) {
+        // busy: detach it so no new users come, then stop serving the old ones
+        await kernelUnmount(cfg.mountpoint, true);
+        await exp.stop();
+      }
+    });
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('SIGHUP', onSignal);
+  ready(null);
+  const err = await exp.wait();
+  debug('server threads stopped (%d)', err);
+  await exp.stop();
+  await closeNodes();
+  removeState(cfg.mountpoint, process.pid);
+  if (cfg.createdMountpoint) {
+    try { fs.rmdirSync(cfg.mountpoint); } catch { /* still mounted or not empty */ }
+  }
+  process.off('SIGINT', onSignal);
+  process.off('SIGTERM', onSignal);
+  process.off('SIGHUP', onSignal);
+  return 0;
+}

@@ -1,0 +1,76 @@
+// imgmount convert: copy the guest view of any image into a new image of any format.
+import fs from 'node:fs';
+import { ImgError } from '../core/errors';
+import { chainStatus, readAt, writeAt } from '../core/io';
+import { openImage, OpenOptions } from '../core/graph';
+import type { BlockNode } from '../core/node';
+import type { OptionTree } from '../core/options';
+import { SecretStore } from '../core/secrets';
+import { createImage } from './create';
+import { Progress } from './progress';
+
+const CHUNK = 2 << 20;
+
+export interface ConvertOptions {
+  src: string;
+  srcOpen: OpenOptions;
+  dst: string;
+  outFormat: string;
+  outOptions?: OptionTree;
+  compressed?: boolean;
+  progress?: boolean;
+  secrets?: SecretStore;
+  /** keep zero detection from making the target sparse (-S 0) */
+  noSparse?: boolean;
+}
+
+function isZero(b: Uint8Array): boolean {
+  // compare 8 bytes at a time where possible
+  const n = b.length & ~7;
+  const dv = new DataView(b.buffer, b.byteOffset, b.length);
+  for (let i = 0; i < n; i += 8) if (dv.getBigUint64(i, true) !== 0n) return false;
+  for (let i = n; i < b.length; i++) if (b[i]) return false;
+  return true;
+}
+
+export async function copyNode(src: BlockNode, dst: BlockNode, o: { compressed?: boolean; noSparse?: boolean; progress?: Progress }): Promise<void> {
+  const buf = Buffer.allocUnsafe(CHUNK);
+  let off = 0;
+  while (off < src.size) {
+    const ext = await chainStatus(src, off, src.size - off);
+    const len = Math.min(ext.length, CHUNK, src.size - off);
+    if (ext.data || o.noSparse) {
+      const b = buf.subarray(0, len);
+      await readAt(src, b, off);
+      if (o.noSparse || !isZero(b)) await writeAt(dst, b, off, o.compressed ? { compressed: true } : undefined);
+    }
+    off += len;
+    o.progress?.update(off, src.size);
+  }
+  if (dst.flush) await dst.flush();
+  o.progress?.done();
+}
+
+export async function convertImage(o: ConvertOptions): Promise<void> {
+  const secrets = o.secrets ?? new SecretStore();
+  const src = await openImage(o.src, { ...o.srcOpen, readOnly: true, secrets });
+  let created = false;
+  let dst: BlockNode | null = null;
+  try {
+    if (fs.existsSync(o.dst) && fs.statSync(o.dst).isDirectory()) throw new ImgError('usage', `${o.dst}: Is a directory`);
+    await createImage({ format: o.outFormat, filename: o.dst, size: src.size, options: o.outOptions, secrets });
+    created = true;
+    dst = await openImage(o.dst, { format: o.outFormat, readOnly: false, secrets, options: undefined });
+    if (dst.size < src.size) throw new ImgError('image', `${o.dst}: created image is smaller than the source`);
+    await copyNode(src, dst, { compressed: o.compressed, noSparse: o.noSparse, progress: new Progress(!!o.progress) });
+    await dst.close();
+    dst = null;
+  } catch (e) {
+    if (dst) await dst.close().catch(() => undefined);
+    // a failed convert leaves no half-written target
+    if (created) { try { fs.unlinkSync(o.dst); } catch { /* gone */ } }
+    throw e;
+  } finally {
+    await src.close();
+  }
+}
