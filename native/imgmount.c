@@ -865,9 +865,6 @@ static int mount_fusermount(const char *mnt, const char *fsname, const char *sub
     snprintf(errbuf, errcap, "socketpair: %s", strerror(errno));
     return -1;
   }
-  /* the child end is dup2'ed to another number in the child, which clears CLOEXEC there */
-  int target = sv[1] == 3 ? 4 : 3;
-  if (sv[0] == target) target = 5;
   char opts[4096] = "fsname=";
   append_escaped(opts, sizeof opts, fsname);
   strncat(opts, ",subtype=", sizeof opts - strlen(opts) - 1);
@@ -875,9 +872,21 @@ static int mount_fusermount(const char *mnt, const char *fsname, const char *sub
   strncat(opts, ",nosuid,nodev,default_permissions", sizeof opts - strlen(opts) - 1);
   if (allow_other) strncat(opts, ",allow_other", sizeof opts - strlen(opts) - 1);
 
+  /* capture fusermount3's stderr so its reason ends up in our one-line error */
+  int ep[2] = {-1, -1};
+  if (pipe2(ep, O_CLOEXEC) < 0) ep[0] = ep[1] = -1;
+  /* the child end is dup2'ed to another number in the child, which clears CLOEXEC there */
+  int target = 3;
+  while (target == sv[1] || target == ep[1]) target++;
   size_t ne = 0;
   while (environ && environ[ne]) ne++;
   char **envp = calloc(ne + 2, sizeof(char *));
+  if (!envp) {
+    close(sv[0]); close(sv[1]);
+    if (ep[0] >= 0) { close(ep[0]); close(ep[1]); }
+    snprintf(errbuf, errcap, "out of memory");
+    return -1;
+  }
   char commfd[64];
   snprintf(commfd, sizeof commfd, "_FUSE_COMMFD=%d", target);
   size_t k = 0;
@@ -888,6 +897,7 @@ static int mount_fusermount(const char *mnt, const char *fsname, const char *sub
 
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
+  if (ep[1] >= 0) posix_spawn_file_actions_adddup2(&fa, ep[1], 2);
   posix_spawn_file_actions_adddup2(&fa, sv[1], target);
   char *argv[] = {"fusermount3", "-o", opts, "--", (char *)mnt, NULL};
   pid_t pid;
@@ -895,8 +905,10 @@ static int mount_fusermount(const char *mnt, const char *fsname, const char *sub
   posix_spawn_file_actions_destroy(&fa);
   free(envp);
   close(sv[1]);
+  if (ep[1] >= 0) close(ep[1]);
   if (rc != 0) {
     close(sv[0]);
+    if (ep[0] >= 0) close(ep[0]);
     if (rc == ENOENT) snprintf(errbuf, errcap, "fusermount3 not found (install the fuse3 package)");
     else snprintf(errbuf, errcap, "fusermount3: %s", strerror(rc));
     return -1;
@@ -919,11 +931,29 @@ static int mount_fusermount(const char *mnt, const char *fsname, const char *sub
   close(sv[0]);
   int status = 0;
   while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
+  char emsg[512] = "";
+  size_t el = 0;
+  if (ep[0] >= 0) {
+    for (;;) {
+      ssize_t k = read(ep[0], emsg + el, sizeof emsg - 1 - el);
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) break;
+      el += (size_t)k;
+      if (el >= sizeof emsg - 1) break;
+    }
+    emsg[el] = 0;
+    close(ep[0]);
+    /* first line only */
+    char *nl = strchr(emsg, '\n');
+    if (nl) *nl = 0;
+  }
   if (fusefd < 0) {
-    if (WIFEXITED(status)) snprintf(errbuf, errcap, "fusermount3 failed (exit status %d)", WEXITSTATUS(status));
+    if (emsg[0]) snprintf(errbuf, errcap, "%s", emsg);
+    else if (WIFEXITED(status)) snprintf(errbuf, errcap, "fusermount3 failed (exit status %d)", WEXITSTATUS(status));
     else snprintf(errbuf, errcap, "fusermount3 failed");
     return -1;
   }
+  if (emsg[0]) fprintf(stderr, "%s\n", emsg); /* warnings from a successful mount */
   return fusefd;
 }
 
@@ -1106,7 +1136,9 @@ static napi_value js_fuse_mount(napi_env env, napi_callback_info info) {
   }
 
   s->mtime = time(NULL);
-  if (geteuid() == 0) s->fd = mount_direct(mnt, fsname, subtype, allow_other, errbuf, sizeof errbuf);
+  /* IMGMOUNT_FUSERMOUNT=1 forces the fusermount3 path even as root (for tests) */
+  const char *force_fm = getenv("IMGMOUNT_FUSERMOUNT");
+  if (geteuid() == 0 && !(force_fm && strcmp(force_fm, "1") == 0)) s->fd = mount_direct(mnt, fsname, subtype, allow_other, errbuf, sizeof errbuf);
   else s->fd = mount_fusermount(mnt, fsname, subtype, allow_other, errbuf, sizeof errbuf);
   if (s->fd < 0) { napi_throw_error(env, NULL, errbuf); goto fail_nothrow; }
 
