@@ -1,0 +1,33 @@
+// Entry of the background mount server: configuration (secrets included) arrives on stdin,
+// never in argv; readiness or the error goes back on fd 3.
+import fs from 'node:fs';
+import { exitCodeOf, formatError } from '../core/errors';
+import { serve, ServeConfig } from '../fuse/serve';
+
+function readStdin(): Promise<string> {
+  return new Promise((resolve, reject) => {
+    let s = '';
+    process.stdin.setEncoding('utf8');
+    process.stdin.on('data', (d: string) => { s += d; });
+    process.stdin.on('end', () => resolve(s));
+    process.stdin.on('error', reject);
+  });
+}
+
+async function main(): Promise<void> {
+  const cfg = JSON.parse(await readStdin()) as ServeConfig;
+  let reported = false;
+  const report = (err: Error | null): void => {
+    if (reported) return;
+    reported = true;
+    const line = err ? `err ${exitCodeOf(err)} ${formatError(err)}\n` : 'ok\n';
+    try { fs.writeSync(3, line); fs.closeSync(3); } catch { /* parent gone */ }
+  };
+  const code = await serve(cfg, report);
+  process.exit(code);
+}
+
+main().catch((e) => {
+  try { fs.writeSync(3, `err ${exitCodeOf(e)} ${formatError(e)}\n`); } catch { /* parent gone */ }
+  process.exit(1);
+});
