@@ -158,6 +158,8 @@ typedef struct {
 typedef struct {
   extent_t *e;
   size_t n;
+  size_t cap;
+  size_t dead; /* tombstones (len 0) left by in-place invalidation */
 } extmap_t;
 
 typedef struct node {
@@ -1358,6 +1360,7 @@ static int map_rebuild(const extmap_t *old, const extent_t *cut, size_t ncut, co
   size_t nrem = 0, c = 0;
   for (size_t i = 0; i < old->n; i++) {
     extent_t e = old->e[i];
+    if (e.len == 0) continue; /* tombstone */
     uint64_t end = e.guest + e.len;
     while (c < ncut && cut[c].guest + cut[c].len <= e.guest) c++;
     size_t k = c;
@@ -1393,6 +1396,8 @@ static int map_rebuild(const extmap_t *old, const extent_t *cut, size_t ncut, co
   }
   out->e = res;
   out->n = n;
+  out->cap = cap;
+  out->dead = 0;
   return 0;
 }
 
@@ -1402,6 +1407,55 @@ static void map_swap(file_t *f, extmap_t *nm) {
   f->map = *nm;
   pthread_rwlock_unlock(&f->lock);
   free(old.e);
+}
+
+/* Invalidate without rebuilding: the overlapped entries are replaced in place by at
+ * most a head and a tail piece, the rest become tombstones (len 0, guest = off, so the
+ * array stays sorted and lookups in the gap miss). Returns -1 when a rebuild is needed. */
+static int map_invalidate_inplace(file_t *f, uint64_t off, uint64_t len) {
+  extmap_t *m = &f->map;
+  uint64_t end = off + len;
+  ssize_t k = map_find(m, off);
+  size_t i = (k >= 0 && m->e[k].guest + m->e[k].len > off) ? (size_t)k : (size_t)(k + 1);
+  size_t lo = i, hi = m->n;
+  while (lo < hi) {
+    size_t mid = lo + (hi - lo) / 2;
+    if (m->e[mid].guest < end) lo = mid + 1; else hi = mid;
+  }
+  size_t j = lo;
+  int any = 0;
+  for (size_t x = i; x < j && !any; x++) any = m->e[x].len > 0;
+  if (!any) return 0; /* nothing native overlaps: no I/O to wait for */
+  if (m->dead > 4096 && m->dead > m->n / 4) return -1; /* compact via rebuild */
+  extent_t first = m->e[i], last = m->e[j - 1], head = first, tail = last;
+  int has_head = first.len > 0 && first.guest < off;
+  if (has_head) head.len = off - first.guest;
+  int has_tail = last.len > 0 && last.guest + last.len > end;
+  if (has_tail) {
+    tail.host = last.host + (end - last.guest);
+    tail.len = last.guest + last.len - end;
+    tail.guest = end;
+  }
+  size_t removed = j - i, newcount = (size_t)has_head + (size_t)has_tail;
+  if (newcount > removed && m->n >= m->cap) return -1;
+  pthread_rwlock_wrlock(&f->lock);
+  if (newcount > removed) {
+    memmove(&m->e[i + 2], &m->e[i + 1], (m->n - i - 1) * sizeof(extent_t));
+    m->e[i] = head;
+    m->e[i + 1] = tail;
+    m->n++;
+  } else {
+    size_t dead_before = 0;
+    for (size_t x = i; x < j; x++) dead_before += m->e[x].len == 0;
+    size_t x = i;
+    if (has_head) m->e[x++] = head;
+    size_t stop = has_tail ? j - 1 : j;
+    for (; x < stop; x++) m->e[x] = (extent_t){.guest = off, .len = 0, .fd = -1};
+    if (has_tail) m->e[j - 1] = tail;
+    m->dead = m->dead - dead_before + (removed - newcount);
+  }
+  pthread_rwlock_unlock(&f->lock);
+  return 0;
 }
 
 static file_t *get_file_arg(napi_env env, server_t *s, napi_value v, int *idx) {
@@ -1501,6 +1555,7 @@ static napi_value js_invalidate(napi_env env, napi_callback_info info) {
   }
   if (len == 0) return NULL;
   if (off + len < off) len = UINT64_MAX - off;
+  if (map_invalidate_inplace(f, off, len) == 0) return NULL;
   extent_t cut = {.guest = off, .len = len};
   extmap_t nm;
   if (map_rebuild(&f->map, &cut, 1, NULL, 0, &nm) != 0) {

@@ -315,3 +315,84 @@ t.test('stop() while mounted fails pending users instead of hanging', { skip: ca
   t.equal(addon.umount(mnt, 0), 0, 'umount after stop()');
   addon.stop(s); // idempotent
 });
+
+t.test('extent map: random setMap/invalidate against a model', { skip: canMount ? false : 'no fuse' }, async (t) => {
+  const U = 512;             // model unit
+  const N = 2048;            // units: 1 MiB file
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'imgmount-map-'));
+  const mnt = path.join(dir, 'mnt');
+  fs.mkdirSync(mnt);
+  const A = crypto.randomBytes(N * U);  // what JS serves
+  const B = crypto.randomBytes(N * U);  // where map entries point
+  const bPath = path.join(dir, 'b');
+  fs.writeFileSync(bPath, B);
+  const bFd = fs.openSync(bPath, 'r');
+  const model = new Int32Array(N).fill(-1);
+  const content = (off: number, len: number) => {
+    const out = Buffer.alloc(len);
+    for (let p = off; p < off + len;) {
+      const u = Math.floor(p / U), inUnit = p % U, n = Math.min(U - inUnit, off + len - p);
+      const src = model[u] < 0 ? A.subarray(u * U + inUnit) : B.subarray(model[u] * U + inUnit);
+      src.copy(out, p - off, 0, n);
+      p += n;
+    }
+    return out;
+  };
+  let srv: FuseServer | null = null;
+  let resolveInit!: () => void;
+  const initP = new Promise<void>((r) => { resolveInit = r; });
+  srv = addon.fuseMount({
+    mountpoint: mnt, fsname: 'imgmount-test', subtype: 'imgmount', allowOther: false, threads: 2,
+    maxWrite: MiB, uid: 0, gid: 0,
+    files: [{ path: 'disk.raw', size: N * U, readOnly: true, blocks: 0 }],
+    onRequests: () => {
+      for (const r of addon.takeRequests(srv!)) {
+        if (r.op === 'read') addon.reply(srv!, r.id, 0, content(r.offset, r.length));
+        else addon.reply(srv!, r.id, 38 /* ENOSYS */);
+      }
+    },
+    onInit: () => resolveInit(),
+    onExit: () => {},
+  });
+  const s = srv;
+  t.teardown(() => {
+    if (addon.umount(mnt, 0) !== 0) addon.umount(mnt, MNT_DETACH);
+    addon.stop(s);
+    fs.closeSync(bFd);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  const first = run('stat', [path.join(mnt, 'disk.raw')]);
+  await initP;
+  await first;
+  const rnd = (n: number) => Math.floor(Math.random() * n);
+  const expPath = path.join(dir, 'expected');
+  for (let round = 0; round < 25; round++) {
+    const ops = 1 + rnd(4);
+    for (let o = 0; o < ops; o++) {
+      if (rnd(3) > 0) {
+        const runs: Array<[number, number, number]> = [];
+        let u = rnd(64);
+        while (u < N && runs.length < 40) {
+          const len = 1 + rnd(200);
+          const l = Math.min(len, N - u);
+          runs.push([u, l, rnd(N - l + 1)]);
+          u += l + rnd(300);
+        }
+        const arr = new Float64Array(runs.length * 5);
+        runs.forEach(([g, l, h], i) => arr.set([g * U, l * U, bFd, h * U, 0], i * 5));
+        addon.setMap(s, 0, arr);
+        for (const [g, l, h] of runs) for (let k = 0; k < l; k++) model[g + k] = h + k;
+      } else {
+        const g = rnd(N), l = 1 + rnd(Math.min(300, N - g));
+        addon.invalidate(s, 0, g * U, l * U);
+        for (let k = 0; k < l; k++) model[g + k] = -1;
+      }
+    }
+    fs.writeFileSync(expPath, content(0, N * U));
+    const c = await run('cmp', [path.join(mnt, 'disk.raw'), expPath]);
+    if (c.code !== 0) { t.fail(`round ${round}: ${c.stdout}${c.stderr}`); return; }
+  }
+  const st = addon.stats(s);
+  t.ok(st.nativeReads > 0 && st.jsRequests > 0, `both paths used (${JSON.stringify(st)})`);
+  t.pass('25 rounds of random map changes read back exactly');
+});
