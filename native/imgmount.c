@@ -1351,14 +1351,30 @@ static int cmp_ext(const void *a, const void *b) {
 /* Remove from `old` every part overlapping the (sorted, non-overlapping) ranges of `cut`,
  * then merge in `add` (may be NULL). Result is freshly allocated. */
 static int map_rebuild(const extmap_t *old, const extent_t *cut, size_t ncut, const extent_t *add, size_t nadd,
-                       extmap_t *out) {
+                       int compact, extmap_t *out) {
+  /* Only old entries that can overlap [cut[0].guest, end of last cut) are processed one
+   * by one; the untouched prefix and suffix are block-copied (unless compacting, which
+   * also drops tombstones everywhere). `add` must lie within that span. */
+  size_t i0 = 0, i1 = old->n;
+  if (!compact && ncut > 0) {
+    uint64_t cs = cut[0].guest, ce = cut[ncut - 1].guest + cut[ncut - 1].len;
+    size_t lo = 0, hi = old->n;
+    while (lo < hi) { size_t mid = lo + (hi - lo) / 2; if (old->e[mid].guest < cs) lo = mid + 1; else hi = mid; }
+    i0 = lo;
+    if (i0 > 0 && old->e[i0 - 1].len > 0 && old->e[i0 - 1].guest + old->e[i0 - 1].len > cs) i0--;
+    lo = i0; hi = old->n;
+    while (lo < hi) { size_t mid = lo + (hi - lo) / 2; if (old->e[mid].guest < ce) lo = mid + 1; else hi = mid; }
+    i1 = lo;
+  }
+  size_t mid_n = i1 - i0;
   size_t cap = old->n + ncut + nadd + 1;
-  /* splitting an old extent by k cuts yields at most k+1 pieces: pieces <= old->n + ncut */
-  extent_t *rem = malloc((old->n + ncut + 1) * sizeof(extent_t));
+  cap += cap / 8 + 16; /* slack for in-place splits */
+  /* splitting an old extent by k cuts yields at most k+1 pieces */
+  extent_t *rem = malloc((mid_n + ncut + 1) * sizeof(extent_t));
   extent_t *res = malloc(cap * sizeof(extent_t));
   if (!rem || !res) { free(rem); free(res); return ENOMEM; }
   size_t nrem = 0, c = 0;
-  for (size_t i = 0; i < old->n; i++) {
+  for (size_t i = i0; i < i1; i++) {
     extent_t e = old->e[i];
     if (e.len == 0) continue; /* tombstone */
     uint64_t end = e.guest + e.len;
@@ -1382,22 +1398,32 @@ static int map_rebuild(const extmap_t *old, const extent_t *cut, size_t ncut, co
       k++;
     }
   }
+  size_t n = 0, dead = 0;
+  memcpy(res, old->e, i0 * sizeof(extent_t));
+  n = i0;
   /* merge rem and add */
-  size_t i = 0, j = 0, n = 0;
+  size_t i = 0, j = 0;
   while (i < nrem || j < nadd) {
     if (j >= nadd || (i < nrem && rem[i].guest < add[j].guest)) res[n++] = rem[i++];
     else res[n++] = add[j++];
   }
   free(rem);
+  memcpy(res + n, old->e + i1, (old->n - i1) * sizeof(extent_t));
+  n += old->n - i1;
+  if (!compact) {
+    dead = old->dead; /* upper bound: tombstones in the middle were dropped */
+    if (dead > n) dead = n;
+  }
   if (n > MAP_CAP_ENTRIES) {
     /* over budget: keep only the newly added entries (misses just go to JS) */
     n = nadd > MAP_CAP_ENTRIES ? MAP_CAP_ENTRIES : nadd;
     memcpy(res, add, n * sizeof(extent_t));
+    dead = 0;
   }
   out->e = res;
   out->n = n;
   out->cap = cap;
-  out->dead = 0;
+  out->dead = dead;
   return 0;
 }
 
@@ -1529,7 +1555,7 @@ static napi_value js_set_map(napi_env env, napi_callback_info info) {
     add[m++] = e;
   }
   extmap_t nm;
-  if (map_rebuild(&f->map, add, m, add, m, &nm) != 0) {
+  if (map_rebuild(&f->map, add, m, add, m, f->map.dead > 4096 && f->map.dead > f->map.n / 4, &nm) != 0) {
     free(add);
     napi_throw_error(env, NULL, "out of memory");
     return NULL;
@@ -1558,7 +1584,7 @@ static napi_value js_invalidate(napi_env env, napi_callback_info info) {
   if (map_invalidate_inplace(f, off, len) == 0) return NULL;
   extent_t cut = {.guest = off, .len = len};
   extmap_t nm;
-  if (map_rebuild(&f->map, &cut, 1, NULL, 0, &nm) != 0) {
+  if (map_rebuild(&f->map, &cut, 1, NULL, 0, 1, &nm) != 0) {
     /* fall back to dropping everything: always correct */
     nm.e = NULL;
     nm.n = 0;
