@@ -2,6 +2,7 @@
 import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
+import { qcow2Driver } from './qcow2';
 
 const ascii = (head: Uint8Array, at: number, s: string): boolean =>
   head.length >= at + s.length && Buffer.from(head.buffer, head.byteOffset + at, s.length).toString('latin1') === s;
@@ -26,7 +27,7 @@ const QCOW_MAGIC = 0x514649fb;
 
 export const drivers: FormatDriver[] = [
   rawDriver,
-  pending('qcow2', 3, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) >= 2 ? 100 : 0)),
+  qcow2Driver,
   pending('qcow', 4, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) === 1 ? 100 : 0)),
   pending('qed', 4, (h) => (ascii(h, 0, 'QED\0') ? 100 : 0)),
   pending('vdi', 4, (h) => (le32(h, 0x40) === 0xbeda107f ? 100 : 0)),

@@ -1,0 +1,1106 @@
+// The qcow2 block node: L1/L2 mapping, refcounts, allocation, snapshots.
+import zlib from 'node:zlib';
+import { promisify } from 'node:util';
+import { ImgError } from '../../core/errors';
+import { readBacking, readChain } from '../../core/io';
+import type { BlockNode, Extent, MapInvalidator, SnapshotInfo, WriteFlags, ZeroFlags } from '../../core/node';
+import {
+  AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
+  MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2Header, serializeHeader,
+} from './header';
+import {
+  entryOffset, getRef, maxRef, Mutex, OFLAG_COMPRESSED, OFLAG_COPIED, readEntry, refByteRange, setRef, TableCache, writeEntry,
+} from './util';
+import { readSnapshotTable, Snapshot, writeSnapshotTableBuf } from './snapshot';
+
+const inflateRaw = promisify(zlib.inflateRaw);
+
+export type Kind = 'unalloc' | 'zero' | 'normal' | 'compressed';
+export interface L2Info {
+  kind: Kind;
+  /** host offset of the cluster (normal, zero with preallocation); 0 if none */
+  host: number;
+  copied: boolean;
+  /** extended L2: allocation and zero bitmaps */
+  alloc: number;
+  zero: number;
+  hi: number;
+  lo: number;
+}
+
+export interface NodeParams {
+  file: BlockNode;
+  header: Qcow2Header;
+  readOnly: boolean;
+  backing: BlockNode | null;
+  dataFile: BlockNode | null;
+  filename: string;
+  l2CacheBytes: number;
+  refCacheBytes: number;
+  snapshotL1?: { offset: number; size: number; diskSize: number } | null;
+}
+
+const ALL32 = 0xffffffff;
+
+export class Qcow2Node implements BlockNode {
+  readonly driver = 'qcow2';
+  readonly readOnly: boolean;
+  readonly align: number;
+  readonly file: BlockNode;
+  backing: BlockNode | null;
+  readonly dataFile: BlockNode | null;
+  mapInvalidator: MapInvalidator | null = null;
+  hdr: Qcow2Header;
+  readonly cs: number;
+  readonly cb: number;
+  readonly extL2: boolean;
+  readonly es: number;
+  readonly l2Entries: number;
+  readonly scSize: number;
+  l1: Buffer;
+  refTable: Buffer;
+  refTableEntries: number;
+  readonly rbShift: number;
+  readonly refOrder: number;
+  private l2Cache: TableCache;
+  private refCache: TableCache;
+  readonly lock = new Mutex();
+  private freeHint = 0;
+  private fastWrites = new Set<Promise<void>>();
+  private dirtySet = false;
+  private closed = false;
+  private lastCompressed: { key: string; data: Buffer } | null = null;
+  snapshotsList: Snapshot[] = [];
+  private _size: number;
+  private readonly isSnapshotView: boolean;
+  readonly filenameStr: string;
+
+  constructor(p: NodeParams) {
+    this.file = p.file;
+    this.hdr = p.header;
+    this.readOnly = p.readOnly;
+    this.backing = p.backing;
+    this.dataFile = p.dataFile;
+    this.filenameStr = p.filename;
+    this.align = p.file.align;
+    this.cb = p.header.clusterBits;
+    this.cs = 2 ** this.cb;
+    this.extL2 = !!(p.header.incompatible & INCOMPAT_EXTL2);
+    this.es = this.extL2 ? 16 : 8;
+    this.l2Entries = this.cs / this.es;
+    this.scSize = this.extL2 ? this.cs / 32 : this.cs;
+    this.refOrder = p.header.refcountOrder;
+    this.rbShift = this.cb + 3 - this.refOrder;
+    this.l1 = Buffer.alloc(0);
+    this.refTable = Buffer.alloc(0);
+    this.refTableEntries = 0;
+    this.l2Cache = new TableCache(p.l2CacheBytes);
+    this.refCache = new TableCache(p.refCacheBytes);
+    this._size = p.snapshotL1 ? p.snapshotL1.diskSize : p.header.size;
+    this.isSnapshotView = !!p.snapshotL1;
+  }
+
+  get size(): number { return this._size; }
+  get filename(): string { return this.filenameStr; }
+  get dataNode(): BlockNode { return this.dataFile ?? this.file; }
+  get dataFileRaw(): boolean { return !!this.dataFile && !!(this.hdr.autoclear & AUTOCLEAR_DATA_FILE_RAW); }
+
+  /** loads L1 and refcount table; called once by the driver */
+  async init(snapshotL1?: { offset: number; size: number } | null): Promise<void> {
+    const l1off = snapshotL1 ? snapshotL1.offset : this.hdr.l1TableOffset;
+    const l1size = snapshotL1 ? snapshotL1.size : this.hdr.l1Size;
+    this.l1 = Buffer.alloc(l1size * 8);
+    if (l1size) await this.file.read(this.l1, l1off);
+    const rtBytes = this.hdr.refcountTableClusters * this.cs;
+    this.refTable = Buffer.alloc(rtBytes);
+    await this.file.read(this.refTable, this.hdr.refcountTableOffset);
+    this.refTableEntries = rtBytes / 8;
+    if (!snapshotL1) this.snapshotsList = await readSnapshotTable(this.file, this.hdr);
+  }
+
+  // ---------------------------------------------------------------- lookup
+
+  l1Entry(i: number): { off: number; copied: boolean } {
+    if (i * 8 >= this.l1.length) return { off: 0, copied: false };
+    const [hi, lo] = readEntry(this.l1, i * 8);
+    const off = entryOffset(hi, lo);
+    if (off % this.cs) throw this.corrupt(`L2 table offset 0x${off.toString(16)} unaligned (L1 index ${i})`);
+    return { off, copied: (hi & OFLAG_COPIED) !== 0 };
+  }
+
+  corrupt(msg: string): ImgError {
+    return new ImgError('image', `qcow2: image is corrupt: ${msg}`);
+  }
+
+  async loadL2(off: number): Promise<Buffer> {
+    return this.l2Cache.load(off, this.cs, (b, o) => this.file.read(b, o));
+  }
+
+  decode(l2: Buffer, idx: number): L2Info {
+    const at = idx * this.es;
+    const hi = l2.readUInt32BE(at);
+    const lo = l2.readUInt32BE(at + 4);
+    const copied = (hi & OFLAG_COPIED) !== 0;
+    if (hi & OFLAG_COMPRESSED) return { kind: 'compressed', host: 0, copied: false, alloc: 0, zero: 0, hi, lo };
+    const host = entryOffset(hi, lo);
+    if (this.extL2) {
+      const zero = l2.readUInt32BE(at + 8);
+      const alloc = l2.readUInt32BE(at + 12);
+      if (host && host % this.cs) throw this.corrupt(`cluster allocation offset 0x${host.toString(16)} unaligned`);
+      return { kind: host ? 'normal' : (zero ? 'zero' : 'unalloc'), host, copied, alloc, zero, hi, lo };
+    }
+    if (lo & 1) return { kind: 'zero', host, copied, alloc: 0, zero: 0, hi, lo };
+    if (!host) return { kind: 'unalloc', host: 0, copied, alloc: 0, zero: 0, hi, lo };
+    if (host % this.cs) throw this.corrupt(`cluster allocation offset 0x${host.toString(16)} unaligned`);
+    return { kind: 'normal', host, copied, alloc: 0, zero: 0, hi, lo };
+  }
+
+  /** L2 info for guest cluster gc (null L2 = unallocated table) */
+  async info(gc: number): Promise<L2Info> {
+    const l1i = Math.floor(gc / this.l2Entries);
+    const { off } = this.l1Entry(l1i);
+    if (!off) return { kind: 'unalloc', host: 0, copied: false, alloc: 0, zero: 0, hi: 0, lo: 0 };
+    const l2 = await this.loadL2(off);
+    return this.decode(l2, gc % this.l2Entries);
+  }
+
+  /** status of the (sub)cluster run at pos: state, host offset at pos, bytes to the end of the (sub)cluster */
+  private async statusAt(pos: number): Promise<{ state: 'data' | 'zero' | 'unallocated'; host: number; compressed: boolean; writable: boolean; len: number; skip?: number }> {
+    const gc = Math.floor(pos / this.cs);
+    const l1i = Math.floor(gc / this.l2Entries);
+    const { off } = this.l1Entry(l1i);
+    if (!off) {
+      const end = (l1i + 1) * this.l2Entries * this.cs;
+      return { state: 'unallocated', host: 0, compressed: false, writable: false, len: end - pos };
+    }
+    const l2 = await this.loadL2(off);
+    const inf = this.decode(l2, gc % this.l2Entries);
+    const inCluster = pos - gc * this.cs;
+    const toClusterEnd = this.cs - inCluster;
+    const rw = !this.readOnly && !this.isSnapshotView;
+    switch (inf.kind) {
+      case 'compressed':
+        return { state: 'data', host: 0, compressed: true, writable: false, len: toClusterEnd };
+      case 'unalloc':
+        if (this.extL2 && inf.alloc) throw this.corrupt('subcluster allocated without a host cluster');
+        if (this.extL2 && inf.zero) return this.subStatus(inf, pos, inCluster, rw);
+        return { state: 'unallocated', host: 0, compressed: false, writable: false, len: toClusterEnd };
+      case 'zero':
+        if (this.extL2) return this.subStatus(inf, pos, inCluster, rw);
+        return { state: 'zero', host: 0, compressed: false, writable: false, len: toClusterEnd };
+      default:
+        if (this.extL2) return this.subStatus(inf, pos, inCluster, rw);
+        return { state: 'data', host: inf.host + inCluster, compressed: false, writable: rw && inf.copied, len: toClusterEnd };
+    }
+  }
+
+  private subStatus(inf: L2Info, pos: number, inCluster: number, rw: boolean) {
+    const sc = Math.floor(inCluster / this.scSize);
+    const bit = 1 << sc;
+    // run of subclusters with the same state
+    const state = (inf.zero & bit) ? 'zero' : (inf.alloc & bit) ? 'data' : 'unallocated';
+    if ((inf.zero & bit) && (inf.alloc & bit)) throw this.corrupt('subcluster both allocated and zero');
+    let n = sc + 1;
+    while (n < 32) {
+      const b = 1 << n;
+      const s = (inf.zero & b) ? 'zero' : (inf.alloc & b) ? 'data' : 'unallocated';
+      if (s !== state) break;
+      n++;
+    }
+    const len = n * this.scSize - inCluster;
+    const host = state === 'data' ? inf.host + inCluster : 0;
+    if (state === 'data' && !inf.host) throw this.corrupt('subcluster allocated without a host cluster');
+    return { state: state as 'data' | 'zero' | 'unallocated', host, compressed: false, writable: rw && inf.copied && state === 'data', len };
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent> {
+    const end = Math.min(offset + length, this._size);
+    let pos = offset;
+    const first = await this.statusAt(pos);
+    let n = Math.min(first.len, end - pos);
+    pos += n;
+    let hostNext = first.host + n;
+    for (let steps = 0; pos < end && steps < 65536; steps++) {
+      const s = await this.statusAt(pos);
+      if (s.state !== first.state || s.compressed !== first.compressed || s.writable !== first.writable) break;
+      if (first.state === 'data' && !first.compressed && s.host !== hostNext) break;
+      n = Math.min(s.len, end - pos);
+      pos += n;
+      hostNext = s.host + n;
+    }
+    const ext: Extent = { offset, length: Math.max(1, pos - offset), state: first.state };
+    if (first.state === 'data' && !first.compressed) {
+      const dn = this.dataNode as unknown as { fd?: unknown; direct?: unknown };
+      if (typeof dn.fd === 'number') {
+        ext.host = { fd: dn.fd, offset: first.host, writable: first.writable, direct: !!dn.direct };
+      }
+    }
+    return ext;
+  }
+
+  // ---------------------------------------------------------------- read
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const s = await this.statusAt(pos);
+      const n = Math.min(s.len, buf.length - done);
+      const sub = buf.subarray(done, done + n);
+      if (s.state === 'zero') sub.fill(0);
+      else if (s.state === 'unallocated') await readBacking(this.backing, sub, pos);
+      else if (s.compressed) {
+        const data = await this.readCompressed(Math.floor(pos / this.cs));
+        const inC = pos % this.cs;
+        sub.set(data.subarray(inC, inC + n));
+      } else await this.dataNode.read(sub, s.host);
+      done += n;
+    }
+  }
+
+  compressedRange(inf: L2Info): { off: number; size: number; nbBytes: number } {
+    const e = (BigInt(inf.hi) << 32n) | BigInt(inf.lo);
+    const x = BigInt(62 - (this.cb - 8));
+    const off = Number(e & ((1n << x) - 1n));
+    const nsec = Number((e >> x) & ((1n << BigInt(this.cb - 8)) - 1n)) + 1;
+    return { off, size: nsec * 512 - (off & 511), nbBytes: nsec * 512 };
+  }
+
+  async readCompressed(gc: number): Promise<Buffer> {
+    const inf = await this.info(gc);
+    const { off, size } = this.compressedRange(inf);
+    const key = `${inf.hi}:${inf.lo}`;
+    if (this.lastCompressed?.key === key) return this.lastCompressed.data;
+    if (this.dataFile) throw this.corrupt('compressed cluster in an image with an external data file');
+    const src = Buffer.alloc(size);
+    await this.file.read(src, off);
+    let out: Buffer;
+    try {
+      if (this.hdr.compressionType === 1) out = await zstdDecompress(src, this.cs);
+      else out = await inflateRaw(src, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs }) as Buffer;
+    } catch (e) {
+      if (e instanceof ImgError) throw e;
+      throw new ImgError('image', `qcow2: could not decompress cluster at guest offset ${gc * this.cs}: ${(e as Error).message}`);
+    }
+    if (out.length < this.cs) {
+      throw new ImgError('image', `qcow2: compressed cluster at guest offset ${gc * this.cs} decompresses to ${out.length} bytes, expected ${this.cs}`);
+    }
+    this.lastCompressed = { key, data: out };
+    return out;
+  }
+
+  // ---------------------------------------------------------------- refcounts
+
+  refTableEntry(bi: number): number {
+    if (bi >= this.refTableEntries) return 0;
+    const [hi, lo] = readEntry(this.refTable, bi * 8);
+    const off = entryOffset(hi, lo);
+    if (off % this.cs) throw this.corrupt(`refblock offset 0x${off.toString(16)} unaligned (reftable index ${bi})`);
+    return off;
+  }
+
+  async loadRefBlock(off: number): Promise<Buffer> {
+    return this.refCache.load(off, this.cs, (b, o) => this.file.read(b, o));
+  }
+
+  async refcount(cluster: number): Promise<number> {
+    const bi = Math.floor(cluster / 2 ** this.rbShift);
+    const off = this.refTableEntry(bi);
+    if (!off) return 0;
+    const blk = await this.loadRefBlock(off);
+    return getRef(blk, cluster % 2 ** this.rbShift, this.refOrder);
+  }
+
+  /** finds n contiguous clusters with refcount 0 (does not set them) */
+  private async allocNoRef(n: number): Promise<number> {
+    const per = 2 ** this.rbShift;
+    let start = this.freeHint;
+    let run = 0;
+    let c = start;
+    while (run < n) {
+      const bi = Math.floor(c / per);
+      const off = this.refTableEntry(bi);
+      if (!off) {
+        // a whole block's range with no block: all free
+        const blockEnd = (bi + 1) * per;
+        const take = Math.min(blockEnd - c, n - run);
+        run += take; c += take;
+        continue;
+      }
+      const blk = await this.loadRefBlock(off);
+      const blockEnd = (bi + 1) * per;
+      while (c < blockEnd && run < n) {
+        if (getRef(blk, c - bi * per, this.refOrder) === 0) { run++; c++; } else { c++; start = c; run = 0; }
+      }
+    }
+    this.freeHint = start + n;
+    return start;
+  }
+
+  /** allocates n contiguous clusters with refcount 1; returns the byte offset */
+  async allocClusters(n: number): Promise<number> {
+    const c = await this.allocNoRef(n);
+    await this.updateRefcount(c * this.cs, n * this.cs, 1);
+    return c * this.cs;
+  }
+
+  private async writeRefTableEntry(bi: number, off: number): Promise<void> {
+    writeEntry(this.refTable, bi * 8, off, 0);
+    await this.file.write!(this.refTable.subarray(bi * 8, bi * 8 + 8), this.hdr.refcountTableOffset + bi * 8);
+  }
+
+  private async refBlockFor(cluster: number): Promise<Buffer> {
+    const per = 2 ** this.rbShift;
+    const bi = Math.floor(cluster / per);
+    if (bi >= this.refTableEntries) await this.growRefTable(bi);
+    let off = this.refTableEntry(bi);
+    if (off) return this.loadRefBlock(off);
+    const nb = await this.allocNoRef(1);
+    const buf = Buffer.alloc(this.cs);
+    const self = Math.floor(nb / per) === bi;
+    if (self) setRef(buf, nb % per, this.refOrder, 1);
+    off = nb * this.cs;
+    await this.file.write!(buf, off);
+    this.refCache.set(off, buf);
+    await this.writeRefTableEntry(bi, off);
+    if (!self) await this.updateRefcount(off, this.cs, 1);
+    return this.loadRefBlock(off);
+  }
+
+  /** adds `addend` to the refcount of every cluster in [offset, offset+length) */
+  async updateRefcount(offset: number, length: number, addend: number): Promise<void> {
+    if (length <= 0) return;
+    const per = 2 ** this.rbShift;
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + length - 1) / this.cs);
+    const max = maxRef(this.refOrder);
+    let c = first;
+    while (c <= last) {
+      const blk = await this.refBlockFor(c);
+      const bi = Math.floor(c / per);
+      const off = this.refTableEntry(bi);
+      const blockEnd = Math.min((bi + 1) * per - 1, last);
+      let lo = Infinity, hi = -1;
+      for (; c <= blockEnd; c++) {
+        const i = c - bi * per;
+        const v = getRef(blk, i, this.refOrder) + addend;
+        if (v < 0) throw this.corrupt(`refcount of cluster ${c} would drop below zero`);
+        if (v > max) throw new ImgError('image', `qcow2: refcount of cluster ${c} would exceed the maximum of ${max}`);
+        setRef(blk, i, this.refOrder, v);
+        if (v === 0 && c < this.freeHint) this.freeHint = c;
+        const [a, b] = refByteRange(i, this.refOrder);
+        lo = Math.min(lo, a); hi = Math.max(hi, b);
+      }
+      if (hi > lo) await this.file.write!(blk.subarray(lo, hi), off + lo);
+    }
+  }
+
+  /** sets a refcount absolutely (check repair) */
+  async setRefcount(cluster: number, v: number): Promise<void> {
+    const cur = await this.refcount(cluster);
+    if (cur !== v) await this.updateRefcount(cluster * this.cs, this.cs, v - cur);
+  }
+
+  /** a bigger refcount table with blocks for itself, placed after the end of the file */
+  private async growRefTable(neededBi: number): Promise<void> {
+    const per = 2 ** this.rbShift;
+    const cs = this.cs;
+    const oldEntries = this.refTableEntries;
+    let newEntries = Math.max(neededBi + 1, Math.ceil((oldEntries * 3) / 2));
+    const areaStart = Math.max(Math.ceil(this.file.size / cs), this.freeHint);
+    let missing: number[] = [];
+    let tableClusters = 0;
+    for (let iter = 0; iter < 100; iter++) {
+      tableClusters = Math.ceil((newEntries * 8) / cs);
+      let nb = 0;
+      for (let k = 0; k < 100; k++) {
+        const areaEnd = areaStart + nb + tableClusters;
+        missing = [];
+        for (let bi = Math.floor(areaStart / per); bi <= Math.floor((areaEnd - 1) / per); bi++) {
+          if (bi >= oldEntries || this.refTableEntry(bi) === 0) missing.push(bi);
+        }
+        if (missing.length === nb) break;
+        nb = missing.length;
+      }
+      const maxBi = missing.length ? missing[missing.length - 1] : 0;
+      if (maxBi < newEntries) break;
+      newEntries = maxBi + 1;
+    }
+    if (newEntries * 8 > MAX_REFTABLE_BYTES) throw new ImgError('nospace', 'qcow2: the refcount table would exceed its maximum size');
+    const nb = missing.length;
+    const tableOff = (areaStart + nb) * cs;
+    const areaEnd = areaStart + nb + tableClusters;
+    const newTable = Buffer.alloc(tableClusters * cs);
+    this.refTable.copy(newTable, 0, 0, Math.min(this.refTable.length, newTable.length));
+    for (let k = 0; k < nb; k++) {
+      const bi = missing[k];
+      const blockOff = (areaStart + k) * cs;
+      const blk = Buffer.alloc(cs);
+      for (let c = Math.max(areaStart, bi * per); c < Math.min(areaEnd, (bi + 1) * per); c++) setRef(blk, c - bi * per, this.refOrder, 1);
+      await this.file.write!(blk, blockOff);
+      this.refCache.set(blockOff, blk);
+      writeEntry(newTable, bi * 8, blockOff, 0);
+    }
+    await this.file.write!(newTable, tableOff);
+    await this.file.flush?.();
+    const oldOff = this.hdr.refcountTableOffset;
+    const oldClusters = this.hdr.refcountTableClusters;
+    const hb = Buffer.alloc(12);
+    hb.writeBigUInt64BE(BigInt(tableOff), 0);
+    hb.writeUInt32BE(tableClusters, 8);
+    await this.file.write!(hb, 48);
+    this.hdr.refcountTableOffset = tableOff;
+    this.hdr.refcountTableClusters = tableClusters;
+    this.refTable = newTable;
+    this.refTableEntries = newTable.length / 8;
+    // area clusters covered by blocks that already existed
+    for (let c = areaStart; c < areaEnd; c++) {
+      const bi = Math.floor(c / per);
+      if (!missing.includes(bi)) await this.updateRefcount(c * cs, cs, 1);
+    }
+    if (this.freeHint < areaEnd && this.freeHint >= areaStart) this.freeHint = areaEnd;
+    await this.updateRefcount(oldOff, oldClusters * cs, -1);
+  }
+
+  /** frees whatever an L2 entry points to (one reference) */
+  async freeEntry(inf: L2Info): Promise<void> {
+    if (inf.kind === 'compressed') {
+      const r = this.compressedRange(inf);
+      const start = r.off - (r.off & 511);
+      await this.updateRefcount(start, r.nbBytes, -1);
+    } else if (inf.host && !this.dataFile) {
+      await this.updateRefcount(inf.host, this.cs, -1);
+    }
+  }
+
+  // ---------------------------------------------------------------- write
+
+  private checkRw(): void {
+    if (this.readOnly || this.isSnapshotView) throw new ImgError('readonly', 'qcow2: the image is opened read-only');
+    if (this.hdr.incompatible & INCOMPAT_CORRUPT) throw new ImgError('image', 'qcow2: the image is marked corrupt');
+  }
+
+  private async markDirty(): Promise<void> {
+    if (this.dirtySet || !(this.hdr.compatible & COMPAT_LAZY_REFCOUNTS) || this.hdr.version < 3) return;
+    this.hdr.incompatible |= INCOMPAT_DIRTY;
+    await this.writeFeatureBits();
+    await this.file.flush?.();
+    this.dirtySet = true;
+  }
+
+  async writeFeatureBits(): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(this.hdr.incompatible, 0);
+    await this.file.write!(b, 72);
+  }
+
+  private inPlace(inf: L2Info, start: number, n: number): boolean {
+    if (inf.kind !== 'normal' || !inf.copied) return false;
+    if (!this.extL2) return true;
+    const inC = start % this.cs;
+    const s0 = Math.floor(inC / this.scSize);
+    const s1 = Math.floor((inC + n - 1) / this.scSize);
+    for (let s = s0; s <= s1; s++) if (!(inf.alloc & (1 << s)) || (inf.zero & (1 << s))) return false;
+    return true;
+  }
+
+  async write(buf: Uint8Array, offset: number, _flags?: WriteFlags): Promise<void> {
+    this.checkRw();
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      // fast path: a run of in-place writable clusters
+      let run = 0;
+      let host = -1;
+      for (;;) {
+        const p = pos + run;
+        if (run >= buf.length - done) break;
+        const gc = Math.floor(p / this.cs);
+        const n = Math.min(this.cs - (p % this.cs), buf.length - done - run);
+        const inf = await this.info(gc);
+        if (!this.inPlace(inf, p, n)) break;
+        const h = inf.host + (p % this.cs);
+        if (host >= 0 && h !== host + run) break;
+        if (host < 0) host = h;
+        run += n;
+      }
+      if (run > 0) {
+        const pr = this.dataNode.write!(buf.subarray(done, done + run), host);
+        this.fastWrites.add(pr);
+        try { await pr; } finally { this.fastWrites.delete(pr); }
+        done += run;
+        continue;
+      }
+      done += await this.lock.run(() => this.writeAlloc(buf.subarray(done), pos));
+    }
+  }
+
+  /** waits for in-place data writes that may target clusters about to be freed or shared */
+  async drainFastWrites(): Promise<void> {
+    while (this.fastWrites.size) await Promise.allSettled([...this.fastWrites]);
+  }
+
+  /** makes the L2 table for l1 index writable (allocated, refcount 1) */
+  async l2ForWrite(l1i: number): Promise<{ buf: Buffer; off: number }> {
+    if (l1i * 8 >= this.l1.length) throw new ImgError('range', 'qcow2: L1 index beyond the L1 table');
+    const { off, copied } = this.l1Entry(l1i);
+    if (off && copied) return { buf: await this.loadL2(off), off };
+    const content = off ? Buffer.from(await this.loadL2(off)) : Buffer.alloc(this.cs);
+    const newOff = await this.allocClusters(1);
+    await this.file.write!(content, newOff);
+    this.l2Cache.set(newOff, content);
+    await this.setL1(l1i, newOff, true);
+    if (off) {
+      await this.updateRefcount(off, this.cs, -1);
+      if ((await this.refcount(off / this.cs)) === 0) this.l2Cache.drop(off);
+    }
+    return { buf: content, off: newOff };
+  }
+
+  async setL1(l1i: number, off: number, copied: boolean): Promise<void> {
+    writeEntry(this.l1, l1i * 8, off, copied ? OFLAG_COPIED : 0);
+    await this.file.write!(this.l1.subarray(l1i * 8, l1i * 8 + 8), this.hdr.l1TableOffset + l1i * 8);
+  }
+
+  private async writeL2Range(t: { buf: Buffer; off: number }, i0: number, i1: number): Promise<void> {
+    await this.file.write!(t.buf.subarray(i0 * this.es, i1 * this.es), t.off + i0 * this.es);
+  }
+
+  private setL2(buf: Buffer, idx: number, host: number, copied: boolean, zeroFlag: boolean, alloc = 0, zero = 0): void {
+    const at = idx * this.es;
+    writeEntry(buf, at, host, copied ? OFLAG_COPIED : 0, zeroFlag ? 1 : 0);
+    if (this.extL2) {
+      buf.writeUInt32BE(zero >>> 0, at + 8);
+      buf.writeUInt32BE(alloc >>> 0, at + 12);
+    }
+  }
+
+  /** the current guest view of [off, off+len) of this image (backing included) */
+  private async oldView(dst: Buffer, off: number): Promise<void> {
+    const inImage = Math.max(0, Math.min(dst.length, this._size - off));
+    if (inImage > 0) await readChain(this, dst.subarray(0, inImage), off);
+    if (inImage < dst.length) dst.fill(0, inImage);
+  }
+
+  /** writes clusters that need allocation, COW or bitmap changes; returns bytes handled */
+  private async writeAlloc(buf: Uint8Array, pos: number): Promise<number> {
+    await this.markDirty();
+    const cs = this.cs;
+    const gc0 = Math.floor(pos / cs);
+    const l1i = Math.floor(gc0 / this.l2Entries);
+    const t = await this.l2ForWrite(l1i);
+    interface Item { idx: number; inf: L2Info; start: number; n: number; dataOff: number; s: number; e: number; reuse: boolean; host: number; alloc: number; zero: number }
+    const items: Item[] = [];
+    let done = 0;
+    while (done < buf.length && items.length < 4096) {
+      const p = pos + done;
+      const gc = Math.floor(p / cs);
+      if (Math.floor(gc / this.l2Entries) !== l1i) break;
+      const idx = gc % this.l2Entries;
+      const inf = this.decode(t.buf, idx);
+      const n = Math.min(cs - (p % cs), buf.length - done);
+      if (items.length && this.inPlace(inf, p, n)) break;
+      const cStart = gc * cs;
+      let reuse: boolean;
+      let host = 0;
+      if (this.dataFile) {
+        reuse = true;
+        host = inf.kind !== 'compressed' && inf.host ? inf.host : cStart;
+      } else {
+        reuse = inf.kind !== 'compressed' && inf.host !== 0 && inf.copied;
+        host = reuse ? inf.host : 0;
+      }
+      let s: number, e: number;
+      let alloc = ALL32, zero = 0;
+      if (this.extL2) {
+        const sc0 = Math.floor((p - cStart) / this.scSize);
+        const sc1 = Math.floor((p - cStart + n - 1) / this.scSize);
+        let mask = 0;
+        for (let k = sc0; k <= sc1; k++) mask |= 1 << k;
+        if (inf.kind === 'compressed') {
+          s = cStart; e = cStart + cs; alloc = ALL32; zero = 0;
+        } else if (!reuse && inf.host) {
+          // shared cluster: copy it whole, keep its bitmap
+          s = cStart; e = cStart + cs; alloc = (inf.alloc | mask) >>> 0; zero = (inf.zero & ~mask) >>> 0;
+        } else {
+          s = cStart + sc0 * this.scSize; e = cStart + (sc1 + 1) * this.scSize;
+          alloc = (inf.alloc | mask) >>> 0; zero = (inf.zero & ~mask) >>> 0;
+        }
+      } else if (reuse && inf.kind === 'normal') {
+        s = p; e = p + n;
+      } else {
+        s = cStart; e = cStart + cs;
+      }
+      items.push({ idx, inf, start: p, n, dataOff: done, s, e, reuse, host, alloc, zero });
+      done += n;
+    }
+    const newCount = items.filter((it) => !it.reuse).length;
+    this.mapInvalidator?.(pos, done);
+    if (newCount) {
+      let h = await this.allocClusters(newCount);
+      for (const it of items) if (!it.reuse) { it.host = h; h += cs; }
+    }
+    // build and write data, merging host-contiguous spans
+    let group: Buffer[] = [];
+    let gStart = -1, gEnd = -1;
+    const flushGroup = async (): Promise<void> => {
+      if (!group.length) return;
+      await this.dataNode.write!(group.length === 1 ? group[0] : Buffer.concat(group), gStart);
+      group = [];
+    };
+    for (const it of items) {
+      const span = Buffer.alloc(it.e - it.s);
+      const head = it.start - it.s;
+      const tail = it.e - (it.start + it.n);
+      if (head > 0) await this.oldView(span.subarray(0, head), it.s);
+      if (tail > 0) await this.oldView(span.subarray(head + it.n), it.start + it.n);
+      span.set(buf.subarray(it.dataOff, it.dataOff + it.n), head);
+      const hs = it.host + (it.s % cs);
+      if (hs !== gEnd) { await flushGroup(); gStart = hs; }
+      group.push(span);
+      gEnd = hs + span.length;
+    }
+    await flushGroup();
+    // L2 entries, then drop the old references
+    for (const it of items) {
+      this.setL2(t.buf, it.idx, it.host, true, false, this.extL2 ? it.alloc : 0, this.extL2 ? it.zero : 0);
+    }
+    await this.writeL2Range(t, items[0].idx, items[items.length - 1].idx + 1);
+    for (const it of items) {
+      if (!it.reuse && (it.inf.kind === 'compressed' || it.inf.host)) await this.freeEntry(it.inf);
+    }
+    return done;
+  }
+
+  async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
+    this.checkRw();
+    const end = offset + length;
+    const useFlag = this.hdr.version >= 3 && !this.dataFileRaw;
+    let pos = offset;
+    while (pos < end) {
+      const unit = this.extL2 ? this.scSize : this.cs;
+      const aligned = pos % unit === 0;
+      const gcEnd = (Math.floor(pos / this.cs) + 1) * this.cs;
+      const chunkEnd = Math.min(end, gcEnd);
+      if (useFlag && aligned && (chunkEnd - pos) >= unit) {
+        const full = Math.floor((chunkEnd - pos) / unit) * unit;
+        await this.lock.run(() => this.zeroRange(pos, full, !!flags?.mayUnmap));
+        pos += full;
+        continue;
+      }
+      // partial: write real zeros
+      const n = useFlag ? Math.min(chunkEnd, Math.ceil((pos + 1) / unit) * unit) - pos : chunkEnd - pos;
+      await this.write(Buffer.alloc(n), pos);
+      pos += n;
+    }
+  }
+
+  /** makes [pos, pos+len) (within one cluster, unit-aligned) read as zeros; full clusters are deallocated */
+  private async zeroRange(pos: number, len: number, _unmap: boolean): Promise<void> {
+    await this.markDirty();
+    await this.drainFastWrites();
+    const gc = Math.floor(pos / this.cs);
+    const l1i = Math.floor(gc / this.l2Entries);
+    this.mapInvalidator?.(pos, len);
+    const t = await this.l2ForWrite(l1i);
+    const idx = gc % this.l2Entries;
+    const inf = this.decode(t.buf, idx);
+    if (len === this.cs) {
+      if (this.extL2) this.setL2(t.buf, idx, 0, false, false, 0, ALL32);
+      else this.setL2(t.buf, idx, 0, false, true);
+      await this.writeL2Range(t, idx, idx + 1);
+      if (inf.kind === 'compressed' || inf.host) await this.freeEntry(inf);
+      return;
+    }
+    // extended L2, whole subclusters
+    const inC = pos % this.cs;
+    let mask = 0;
+    for (let k = inC / this.scSize; k < (inC + len) / this.scSize; k++) mask |= 1 << k;
+    if (inf.kind === 'compressed' || (inf.host && !inf.copied)) {
+      // needs COW first: write zeros through the normal path
+      await this.writeAlloc(Buffer.alloc(len), pos);
+      return;
+    }
+    this.setL2(t.buf, idx, inf.host, inf.host ? true : false, false, (inf.alloc & ~mask) >>> 0, (inf.zero | mask) >>> 0);
+    await this.writeL2Range(t, idx, idx + 1);
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRw();
+    if (this.dataFileRaw) return;
+    const cs = this.cs;
+    let pos = Math.ceil(offset / cs) * cs;
+    const end = Math.floor((offset + length) / cs) * cs;
+    while (pos < end) {
+      const p = pos;
+      await this.lock.run(async () => {
+        await this.markDirty();
+        await this.drainFastWrites();
+        const gc = Math.floor(p / cs);
+        const l1i = Math.floor(gc / this.l2Entries);
+        if (!this.l1Entry(l1i).off) return;
+        const inf = await this.info(gc);
+        if (inf.kind === 'unalloc' && !(this.extL2 && inf.zero)) return;
+        this.mapInvalidator?.(p, cs);
+        const t = await this.l2ForWrite(l1i);
+        const idx = gc % this.l2Entries;
+        if (this.hdr.version >= 3 || this.backing) {
+          if (this.extL2) this.setL2(t.buf, idx, 0, false, false, 0, ALL32);
+          else this.setL2(t.buf, idx, 0, false, this.hdr.version >= 3);
+        } else this.setL2(t.buf, idx, 0, false, false);
+        await this.writeL2Range(t, idx, idx + 1);
+        await this.freeEntry(inf);
+      });
+      pos += cs;
+    }
+  }
+
+  async flush(): Promise<void> {
+    await this.lock.run(async () => {
+      if (this.dataFile?.flush && !this.dataFile.readOnly) await this.dataFile.flush();
+      if (!this.readOnly && this.file.flush) await this.file.flush();
+    });
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (!this.readOnly && !this.isSnapshotView) {
+        await this.drainFastWrites();
+        await this.flush();
+        if (this.dirtySet) {
+          this.hdr.incompatible &= ~INCOMPAT_DIRTY;
+          await this.writeFeatureBits();
+          await this.file.flush?.();
+        }
+      }
+    } finally {
+      if (!this.isSnapshotView) {
+        await this.dataFile?.close();
+        await this.backing?.close();
+        await this.file.close();
+      }
+    }
+  }
+
+  async allocatedSize(): Promise<number> {
+    const a = this.file.allocatedSize ? await this.file.allocatedSize() : this.file.size;
+    return a;
+  }
+
+  async resetCaches(): Promise<void> {
+    this.l2Cache.clear();
+    this.refCache.clear();
+    this.lastCompressed = null;
+  }
+
+  // ---------------------------------------------------------------- info
+
+  async infoExtra(): Promise<Record<string, unknown>> {
+    const r: Record<string, unknown> = { 'cluster-size': this.cs };
+    if (this.hdr.backingFile !== null) {
+      r['backing-filename'] = this.hdr.backingFile;
+      r['full-backing-filename'] = fullBackingName(this.hdr.backingFile, this.file.filename);
+      if (this.hdr.backingFormat) r['backing-filename-format'] = this.hdr.backingFormat;
+    }
+    r['dirty-flag'] = !!(this.hdr.incompatible & INCOMPAT_DIRTY);
+    return r;
+  }
+
+  async formatSpecific(): Promise<{ type: string; data: Record<string, unknown> }> {
+    const h = this.hdr;
+    const data: Record<string, unknown> = { compat: h.version >= 3 ? '1.1' : '0.10', 'compression-type': h.compressionType === 1 ? 'zstd' : 'zlib' };
+    if (h.version >= 3) {
+      data['lazy-refcounts'] = !!(h.compatible & COMPAT_LAZY_REFCOUNTS);
+      data['refcount-bits'] = 1 << h.refcountOrder;
+      if (h.dataFile !== null) {
+        data['data-file'] = h.dataFile;
+        data['data-file-raw'] = !!(h.autoclear & AUTOCLEAR_DATA_FILE_RAW);
+      }
+      data.corrupt = !!(h.incompatible & INCOMPAT_CORRUPT);
+      data['extended-l2'] = this.extL2;
+    } else {
+      data['refcount-bits'] = 1 << h.refcountOrder;
+    }
+    return { type: 'qcow2', data };
+  }
+
+  // ---------------------------------------------------------------- header rewrite
+
+  async writeHeader(): Promise<void> {
+    const b = serializeHeader(this.hdr);
+    const full = Buffer.alloc(Math.max(b.length, Math.min(this.cs, Math.max(this.file.size, b.length))));
+    b.copy(full);
+    // keep only the first cluster: header, extensions and backing name live there
+    await this.file.write!(full.subarray(0, Math.min(full.length, this.cs)), 0);
+    // re-derive header-dependent fields (backing offset) from what we wrote
+    this.hdr.headerLength = this.hdr.version >= 3 ? 112 : 72;
+  }
+
+  async setBacking(filename: string | null, format: string | null): Promise<void> {
+    this.checkRw();
+    await this.lock.run(async () => {
+      this.hdr.backingFile = filename;
+      this.hdr.backingFormat = filename ? format : null;
+      await this.writeHeader();
+      await this.file.flush?.();
+    });
+  }
+
+  async makeEmpty(): Promise<void> {
+    this.checkRw();
+    await this.lock.run(async () => {
+      await this.drainFastWrites();
+      this.mapInvalidator?.(0, this._size);
+      for (let i = 0; i < this.l1.length / 8; i++) {
+        const { off } = this.l1Entry(i);
+        if (!off) continue;
+        const l2 = await this.loadL2(off);
+        const infos: L2Info[] = [];
+        for (let k = 0; k < this.l2Entries; k++) infos.push(this.decode(l2, k));
+        await this.setL1(i, 0, false);
+        for (const inf of infos) if (inf.kind === 'compressed' || inf.host) await this.freeEntry(inf);
+        await this.updateRefcount(off, this.cs, -1);
+        this.l2Cache.drop(off);
+      }
+      await this.file.flush?.();
+    });
+  }
+
+  // ---------------------------------------------------------------- snapshots (see snapshot.ts)
+
+  async snapshots(): Promise<SnapshotInfo[]> {
+    return this.snapshotsList.map((s) => ({
+      id: s.id, name: s.name, vmStateSize: s.vmStateSize, dateSec: s.dateSec, dateNsec: s.dateNsec,
+      vmClockNsec: s.vmClockNsec, icount: s.icount,
+    }));
+  }
+
+  findSnapshot(idOrTag: string): Snapshot {
+    const s = this.snapshotsList.find((x) => x.id === idOrTag) ?? this.snapshotsList.find((x) => x.name === idOrTag);
+    if (!s) throw new ImgError('usage', `Can't find the snapshot '${idOrTag}'`);
+    return s;
+  }
+
+  /** walks an L1 table (at offset, size entries; or the active one), adding `addend` to the
+   *  refcounts of its L2 tables and clusters, and fixing QCOW_OFLAG_COPIED everywhere */
+  async updateSnapshotRefcount(l1Offset: number, l1Size: number, addend: number): Promise<void> {
+    const active = l1Offset === this.hdr.l1TableOffset;
+    const l1 = active ? this.l1 : Buffer.alloc(l1Size * 8);
+    if (!active) await this.file.read(l1, l1Offset);
+    let l1Changed = false;
+    for (let i = 0; i < l1Size; i++) {
+      const [hi, lo] = readEntry(l1, i * 8);
+      const l2off = entryOffset(hi, lo);
+      if (!l2off) continue;
+      if (l2off % this.cs) throw this.corrupt(`L2 table offset 0x${l2off.toString(16)} unaligned`);
+      const l2 = await this.loadL2(l2off);
+      let changed = false;
+      for (let k = 0; k < this.l2Entries; k++) {
+        const inf = this.decode(l2, k);
+        if (inf.kind === 'compressed') {
+          if (addend) {
+            const r = this.compressedRange(inf);
+            await this.updateRefcount(r.off - (r.off & 511), r.nbBytes, addend);
+          }
+          continue;
+        }
+        if (!inf.host) continue;
+        let rc = 1;
+        if (!this.dataFile) {
+          if (addend) await this.updateRefcount(inf.host, this.cs, addend);
+          rc = await this.refcount(inf.host / this.cs);
+        }
+        const want = rc === 1;
+        if (want !== inf.copied) {
+          const at = k * this.es;
+          l2.writeUInt32BE(want ? (inf.hi | OFLAG_COPIED) >>> 0 : (inf.hi & ~OFLAG_COPIED) >>> 0, at);
+          changed = true;
+        }
+      }
+      if (changed) await this.file.write!(l2, l2off);
+      if (addend) await this.updateRefcount(l2off, this.cs, addend);
+      const rc = await this.refcount(l2off / this.cs);
+      const want = rc === 1;
+      if (want !== ((hi & OFLAG_COPIED) !== 0)) {
+        l1.writeUInt32BE(want ? (hi | OFLAG_COPIED) >>> 0 : (hi & ~OFLAG_COPIED) >>> 0, i * 8);
+        l1Changed = true;
+      }
+    }
+    if (l1Changed && active) await this.file.write!(this.l1, this.hdr.l1TableOffset);
+    else if (l1Changed && addend === 0) await this.file.write!(l1, l1Offset);
+  }
+
+  async writeSnapshotTable(list: Snapshot[]): Promise<void> {
+    const buf = writeSnapshotTableBuf(list);
+    const oldOff = this.hdr.snapshotsOffset;
+    const oldSize = this.hdr.nbSnapshots ? (await this.snapshotTableSize()) : 0;
+    let newOff = 0;
+    if (list.length) {
+      newOff = await this.allocClusters(Math.ceil(buf.length / this.cs));
+      await this.file.write!(buf, newOff);
+      await this.file.flush?.();
+    }
+    const hb = Buffer.alloc(12);
+    hb.writeUInt32BE(list.length, 0);
+    hb.writeBigUInt64BE(BigInt(newOff), 4);
+    await this.file.write!(hb, 60);
+    await this.file.flush?.();
+    this.hdr.nbSnapshots = list.length;
+    this.hdr.snapshotsOffset = newOff;
+    if (oldSize) await this.updateRefcount(oldOff, oldSize, -1);
+    this.snapshotsList = list;
+  }
+
+  async snapshotTableSize(): Promise<number> {
+    return writeSnapshotTableBuf(this.snapshotsList).length;
+  }
+
+  async snapshotCreate(tag: string): Promise<void> {
+    this.checkRw();
+    if (this.dataFile) throw new ImgError('unsupported', 'qcow2: internal snapshots are not supported with an external data file');
+    await this.lock.run(async () => {
+      if (this.snapshotsList.some((s) => s.name === tag)) throw new ImgError('usage', `qcow2: a snapshot named '${tag}' already exists`);
+      if (this.snapshotsList.length >= 65536) throw new ImgError('image', 'Too many snapshots');
+      await this.drainFastWrites();
+      this.mapInvalidator?.(0, this._size);
+      const l1Size = this.l1.length / 8;
+      const l1Off = l1Size ? await this.allocClusters(Math.ceil((l1Size * 8) / this.cs)) : 0;
+      await this.updateSnapshotRefcount(this.hdr.l1TableOffset, l1Size, 1);
+      if (l1Size) await this.file.write!(this.l1, l1Off);
+      const now = Date.now();
+      const ids = this.snapshotsList.map((s) => Number(s.id)).filter((n) => Number.isFinite(n));
+      const sn: Snapshot = {
+        l1Offset: l1Off, l1Size, id: String((ids.length ? Math.max(...ids) : 0) + 1), name: tag,
+        dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1e6, vmClockNsec: 0, vmStateSize: 0,
+        diskSize: this._size, icount: undefined, extra: Buffer.alloc(0),
+      };
+      await this.writeSnapshotTable([...this.snapshotsList, sn]);
+      await this.file.flush?.();
+    });
+  }
+
+  async snapshotDelete(idOrTag: string): Promise<void> {
+    this.checkRw();
+    await this.lock.run(async () => {
+      const sn = this.findSnapshot(idOrTag);
+      await this.drainFastWrites();
+      this.mapInvalidator?.(0, this._size);
+      await this.writeSnapshotTable(this.snapshotsList.filter((s) => s !== sn));
+      await this.updateSnapshotRefcount(sn.l1Offset, sn.l1Size, -1);
+      if (sn.l1Size) await this.updateRefcount(sn.l1Offset, sn.l1Size * 8, -1);
+      await this.updateSnapshotRefcount(this.hdr.l1TableOffset, this.l1.length / 8, 0);
+      await this.file.flush?.();
+    });
+  }
+
+  async snapshotApply(idOrTag: string): Promise<void> {
+    this.checkRw();
+    await this.lock.run(async () => {
+      const sn = this.findSnapshot(idOrTag);
+      await this.drainFastWrites();
+      this.mapInvalidator?.(0, Math.max(this._size, sn.diskSize));
+      if (sn.l1Size > this.l1.length / 8) await this.growL1(sn.l1Size);
+      const snL1 = Buffer.alloc(sn.l1Size * 8);
+      if (sn.l1Size) await this.file.read(snL1, sn.l1Offset);
+      // take references for the snapshot's clusters, install its L1, drop the old ones
+      await this.updateSnapshotRefcount(sn.l1Offset, sn.l1Size, 1);
+      const oldL1 = Buffer.from(this.l1);
+      const newL1 = Buffer.alloc(this.l1.length);
+      snL1.copy(newL1);
+      await this.file.write!(newL1, this.hdr.l1TableOffset);
+      await this.file.flush?.();
+      this.l1 = newL1;
+      // old active tables: drop references through a temporary copy of the old L1
+      const tmpOff = await this.allocClusters(Math.ceil(oldL1.length / this.cs) || 1);
+      await this.file.write!(oldL1, tmpOff);
+      await this.updateSnapshotRefcount(tmpOff, oldL1.length / 8, -1);
+      await this.updateRefcount(tmpOff, (Math.ceil(oldL1.length / this.cs) || 1) * this.cs, -1);
+      await this.updateSnapshotRefcount(this.hdr.l1TableOffset, this.l1.length / 8, 0);
+      if (sn.diskSize !== this._size) {
+        this._size = sn.diskSize;
+        this.hdr.size = sn.diskSize;
+        const b = Buffer.alloc(8);
+        b.writeBigUInt64BE(BigInt(sn.diskSize), 0);
+        await this.file.write!(b, 24);
+      }
+      this.l2Cache.clear();
+      await this.file.flush?.();
+    });
+  }
+
+  /** moves the active L1 table to a bigger place */
+  async growL1(entries: number): Promise<void> {
+    if (entries * 8 > MAX_L1_BYTES) throw new ImgError('image', 'Active L1 table too large');
+    const bytes = entries * 8;
+    const newOff = await this.allocClusters(Math.ceil(bytes / this.cs));
+    const nl1 = Buffer.alloc(bytes);
+    this.l1.copy(nl1);
+    await this.file.write!(nl1, newOff);
+    await this.file.flush?.();
+    const hb = Buffer.alloc(12);
+    hb.writeUInt32BE(entries, 0);
+    hb.writeBigUInt64BE(BigInt(newOff), 4);
+    await this.file.write!(hb, 36);
+    const oldOff = this.hdr.l1TableOffset;
+    const oldBytes = this.l1.length;
+    this.hdr.l1TableOffset = newOff;
+    this.hdr.l1Size = entries;
+    this.l1 = nl1;
+    if (oldBytes) await this.updateRefcount(oldOff, Math.ceil(oldBytes / this.cs) * this.cs, -1);
+  }
+
+  async openSnapshot(idOrTag: string): Promise<BlockNode> {
+    const sn = this.findSnapshot(idOrTag);
+    if (sn.l1Size * 8 > MAX_L1_BYTES) throw new ImgError('image', 'Snapshot L1 table too large');
+    const v = new Qcow2Node({
+      file: this.file, header: { ...this.hdr }, readOnly: true, backing: this.backing, dataFile: this.dataFile,
+      filename: this.filenameStr, l2CacheBytes: 4 << 20, refCacheBytes: 1 << 20,
+      snapshotL1: { offset: sn.l1Offset, size: sn.l1Size, diskSize: sn.diskSize },
+    });
+    await v.init({ offset: sn.l1Offset, size: sn.l1Size });
+    return v;
+  }
+
+  /** grows the virtual disk (shrinking is not supported) */
+  async truncate(size: number): Promise<void> {
+    this.checkRw();
+    await this.lock.run(async () => {
+      if (size < this._size) throw new ImgError('unsupported', 'qcow2: shrinking an image is not supported');
+      const need = Math.ceil(size / (this.cs * this.l2Entries));
+      if (need > this.l1.length / 8) await this.growL1(need);
+      const b = Buffer.alloc(8);
+      b.writeBigUInt64BE(BigInt(size), 0);
+      await this.file.write!(b, 24);
+      this.hdr.size = size;
+      this._size = size;
+      await this.file.flush?.();
+    });
+  }
+}
+
+export function fullBackingName(backing: string, image: string): string {
+  if (backing.startsWith('/') || /^[a-z+]+:/.test(backing) || backing.startsWith('json:')) return backing;
+  const slash = image.lastIndexOf('/');
+  return slash < 0 ? backing : image.slice(0, slash + 1) + backing;
+}
+
+let zstdMod: { decompress(b: Buffer): Buffer } | null | undefined;
+async function zstdDecompress(src: Buffer, cs: number): Promise<Buffer> {
+  if (zstdMod === undefined) {
+    try {
+      // optional dependency: zstd-napi
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      zstdMod = require('zstd-napi') as { decompress(b: Buffer): Buffer };
+    } catch {
+      zstdMod = null;
+    }
+  }
+  if (!zstdMod) throw new ImgError('unsupported', 'qcow2: zstd-compressed clusters need the zstd-napi package');
+  const m = zstdMod as unknown as { DecompressStream?: unknown; Decompressor: new () => { decompress(b: Buffer): Buffer } };
+  const d = new m.Decompressor();
+  const out = d.decompress(src);
+  if (out.length > cs) return out.subarray(0, cs);
+  return out;
+}
