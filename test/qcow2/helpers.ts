@@ -17,6 +17,11 @@ export function qemuImg(...args: string[]): string {
   return execFileSync('qemu-img', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
 }
 
+/** qemu-img run in `cwd` (qemu resolves a relative data_file name against the working directory) */
+export function qemuImgIn(cwd: string, ...args: string[]): string {
+  return execFileSync('qemu-img', args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
 export function qemuImgStatus(...args: string[]): { code: number; out: string; err: string } {
   const r = spawnSync('qemu-img', args, { encoding: 'utf8' });
   return { code: r.status ?? -1, out: r.stdout, err: r.stderr };

@@ -176,7 +176,7 @@ async function walkL1(node: Qcow2Node, w: Walk, l1Off: number, l1Size: number, a
         if (active) { w.allocated++; w.compressed++; w.fragmented++; }
         continue;
       }
-      if (!inf.host) continue;
+      if (!inf.has) continue;
       if (inf.kind === 'zero' && node.hdr.version < 3 && !node.extL2) {
         msg(`ERROR: zero cluster in a version 2 image (L2 index ${k})`);
         w.res.corruptions++;
@@ -217,7 +217,7 @@ async function checkCopied(node: Qcow2Node, w: Walk, fix: boolean, msg: (m: stri
     for (let k = 0; k < node.l2Entries; k++) {
       let inf;
       try { inf = node.decode(l2, k); } catch { continue; }
-      if (inf.kind === 'compressed' || !inf.host) continue;
+      if (inf.kind === 'compressed' || !inf.has) continue;
       const rc = node.dataFile ? 1 : refOf(inf.host);
       const wantC = rc === 1;
       if (wantC !== inf.copied) {

@@ -21,6 +21,8 @@ export interface L2Info {
   /** host offset of the cluster (normal, zero with preallocation); 0 if none */
   host: number;
   copied: boolean;
+  /** a host cluster is assigned (offset 0 is valid in an external data file when COPIED is set) */
+  has: boolean;
   /** extended L2: allocation and zero bitmaps */
   alloc: number;
   zero: number;
@@ -141,25 +143,26 @@ export class Qcow2Node implements BlockNode {
     const hi = l2.readUInt32BE(at);
     const lo = l2.readUInt32BE(at + 4);
     const copied = (hi & OFLAG_COPIED) !== 0;
-    if (hi & OFLAG_COMPRESSED) return { kind: 'compressed', host: 0, copied: false, alloc: 0, zero: 0, hi, lo };
+    if (hi & OFLAG_COMPRESSED) return { kind: 'compressed', host: 0, copied: false, has: false, alloc: 0, zero: 0, hi, lo };
     const host = entryOffset(hi, lo);
+    const has = host !== 0 || (!!this.dataFile && copied);
     if (this.extL2) {
       const zero = l2.readUInt32BE(at + 8);
       const alloc = l2.readUInt32BE(at + 12);
       if (host && host % this.cs) throw this.corrupt(`cluster allocation offset 0x${host.toString(16)} unaligned`);
-      return { kind: host ? 'normal' : (zero ? 'zero' : 'unalloc'), host, copied, alloc, zero, hi, lo };
+      return { kind: has ? 'normal' : (zero ? 'zero' : 'unalloc'), host, copied, has, alloc, zero, hi, lo };
     }
-    if (lo & 1) return { kind: 'zero', host, copied, alloc: 0, zero: 0, hi, lo };
-    if (!host) return { kind: 'unalloc', host: 0, copied, alloc: 0, zero: 0, hi, lo };
+    if (lo & 1) return { kind: 'zero', host, copied, has, alloc: 0, zero: 0, hi, lo };
+    if (!has) return { kind: 'unalloc', host: 0, copied, has, alloc: 0, zero: 0, hi, lo };
     if (host % this.cs) throw this.corrupt(`cluster allocation offset 0x${host.toString(16)} unaligned`);
-    return { kind: 'normal', host, copied, alloc: 0, zero: 0, hi, lo };
+    return { kind: 'normal', host, copied, has, alloc: 0, zero: 0, hi, lo };
   }
 
   /** L2 info for guest cluster gc (null L2 = unallocated table) */
   async info(gc: number): Promise<L2Info> {
     const l1i = Math.floor(gc / this.l2Entries);
     const { off } = this.l1Entry(l1i);
-    if (!off) return { kind: 'unalloc', host: 0, copied: false, alloc: 0, zero: 0, hi: 0, lo: 0 };
+    if (!off) return { kind: 'unalloc', host: 0, copied: false, has: false, alloc: 0, zero: 0, hi: 0, lo: 0 };
     const l2 = await this.loadL2(off);
     return this.decode(l2, gc % this.l2Entries);
   }
@@ -209,7 +212,7 @@ export class Qcow2Node implements BlockNode {
     }
     const len = n * this.scSize - inCluster;
     const host = state === 'data' ? inf.host + inCluster : 0;
-    if (state === 'data' && !inf.host) throw this.corrupt('subcluster allocated without a host cluster');
+    if (state === 'data' && !inf.has) throw this.corrupt('subcluster allocated without a host cluster');
     return { state: state as 'data' | 'zero' | 'unallocated', host, compressed: false, writable: rw && inf.copied && state === 'data', len };
   }
 
@@ -468,7 +471,7 @@ export class Qcow2Node implements BlockNode {
       const r = this.compressedRange(inf);
       const start = r.off - (r.off & 511);
       await this.updateRefcount(start, r.nbBytes, -1);
-    } else if (inf.host && !this.dataFile) {
+    } else if (inf.has && !this.dataFile) {
       await this.updateRefcount(inf.host, this.cs, -1);
     }
   }
@@ -605,9 +608,9 @@ export class Qcow2Node implements BlockNode {
       let host = 0;
       if (this.dataFile) {
         reuse = true;
-        host = inf.kind !== 'compressed' && inf.host ? inf.host : cStart;
+        host = inf.kind !== 'compressed' && inf.has ? inf.host : cStart;
       } else {
-        reuse = inf.kind !== 'compressed' && inf.host !== 0 && inf.copied;
+        reuse = inf.kind !== 'compressed' && inf.has && inf.copied;
         host = reuse ? inf.host : 0;
       }
       let s: number, e: number;
@@ -619,7 +622,7 @@ export class Qcow2Node implements BlockNode {
         for (let k = sc0; k <= sc1; k++) mask |= 1 << k;
         if (inf.kind === 'compressed') {
           s = cStart; e = cStart + cs; alloc = ALL32; zero = 0;
-        } else if (!reuse && inf.host) {
+        } else if (!reuse && inf.has) {
           // shared cluster: copy it whole, keep its bitmap
           s = cStart; e = cStart + cs; alloc = (inf.alloc | mask) >>> 0; zero = (inf.zero & ~mask) >>> 0;
         } else {
@@ -667,7 +670,7 @@ export class Qcow2Node implements BlockNode {
     }
     await this.writeL2Range(t, items[0].idx, items[items.length - 1].idx + 1);
     for (const it of items) {
-      if (!it.reuse && (it.inf.kind === 'compressed' || it.inf.host)) await this.freeEntry(it.inf);
+      if (!it.reuse && (it.inf.kind === 'compressed' || it.inf.has)) await this.freeEntry(it.inf);
     }
     return done;
   }
@@ -709,19 +712,19 @@ export class Qcow2Node implements BlockNode {
       if (this.extL2) this.setL2(t.buf, idx, 0, false, false, 0, ALL32);
       else this.setL2(t.buf, idx, 0, false, true);
       await this.writeL2Range(t, idx, idx + 1);
-      if (inf.kind === 'compressed' || inf.host) await this.freeEntry(inf);
+      if (inf.kind === 'compressed' || inf.has) await this.freeEntry(inf);
       return;
     }
     // extended L2, whole subclusters
     const inC = pos % this.cs;
     let mask = 0;
     for (let k = inC / this.scSize; k < (inC + len) / this.scSize; k++) mask |= 1 << k;
-    if (inf.kind === 'compressed' || (inf.host && !inf.copied)) {
+    if (inf.kind === 'compressed' || (inf.has && !inf.copied)) {
       // needs COW first: write zeros through the normal path
       await this.writeAlloc(Buffer.alloc(len), pos);
       return;
     }
-    this.setL2(t.buf, idx, inf.host, inf.host ? true : false, false, (inf.alloc & ~mask) >>> 0, (inf.zero | mask) >>> 0);
+    this.setL2(t.buf, idx, inf.host, inf.has, false, (inf.alloc & ~mask) >>> 0, (inf.zero | mask) >>> 0);
     await this.writeL2Range(t, idx, idx + 1);
   }
 
@@ -738,9 +741,9 @@ export class Qcow2Node implements BlockNode {
         await this.drainFastWrites();
         const gc = Math.floor(p / cs);
         const l1i = Math.floor(gc / this.l2Entries);
-        if (!this.l1Entry(l1i).off) return;
         const inf = await this.info(gc);
-        if (inf.kind === 'unalloc' && !(this.extL2 && inf.zero)) return;
+        if (inf.kind === 'unalloc' && !(this.extL2 && inf.zero) && (!this.backing || this.hdr.version < 3)) return;
+        if (inf.kind === 'zero' && !inf.has && (!this.extL2 || inf.zero === ALL32)) return;
         this.mapInvalidator?.(p, cs);
         const t = await this.l2ForWrite(l1i);
         const idx = gc % this.l2Entries;
@@ -860,7 +863,7 @@ export class Qcow2Node implements BlockNode {
         const infos: L2Info[] = [];
         for (let k = 0; k < this.l2Entries; k++) infos.push(this.decode(l2, k));
         await this.setL1(i, 0, false);
-        for (const inf of infos) if (inf.kind === 'compressed' || inf.host) await this.freeEntry(inf);
+        for (const inf of infos) if (inf.kind === 'compressed' || inf.has) await this.freeEntry(inf);
         await this.updateRefcount(off, this.cs, -1);
         this.l2Cache.drop(off);
       }
@@ -906,7 +909,7 @@ export class Qcow2Node implements BlockNode {
           }
           continue;
         }
-        if (!inf.host) continue;
+        if (!inf.has) continue;
         let rc = 1;
         if (!this.dataFile) {
           if (addend) await this.updateRefcount(inf.host, this.cs, addend);
