@@ -65,3 +65,23 @@ export function firstDiff(a: Buffer, b: Buffer): number {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
   return -1;
 }
+
+/** the ImgError kind a promise rejects with ('none' if it resolves) */
+export async function errKind(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return 'none';
+  } catch (e) {
+    return String((e as { kind?: string }).kind ?? (e as Error).message);
+  }
+}
+
+/** the error message a promise rejects with */
+export async function errMessage(p: Promise<unknown>): Promise<string> {
+  try {
+    await p;
+    return '';
+  } catch (e) {
+    return (e as Error).message;
+  }
+}
