@@ -25,6 +25,8 @@ export async function unmount(mountpointArg: string, force: boolean, timeoutMs =
       if (!force) throw new ImgError('locked', `unmount ${mountpoint}: target is busy (files are open; use --force)`);
       err = await kernelUnmount(mountpoint, true);
       abortConnection(m.dev);
+      // the detached mount still serves open files; tell the server to stop serving them
+      if (st && processAlive(st.pid)) { try { process.kill(st.pid, 'SIGTERM'); } catch { /* gone */ } }
     }
     if (err && findMount(mountpoint)) {
       throw new ImgError('io', `unmount ${mountpoint}: failed (error ${err})`);

@@ -1,0 +1,117 @@
+// Shared test helpers. Every client of a mount (dd, cmp, python3) runs in a child process:
+// the test process never touches a mount, and every mount is unmounted in teardown.
+import { spawn, spawnSync, SpawnSyncReturns } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+export const ROOT = path.resolve(__dirname, '..', '..');
+export const BIN = path.join(ROOT, 'bin', 'imgmount');
+
+export interface Run { code: number; stdout: string; stderr: string }
+
+export function run(cmd: string, args: string[], opts: { input?: string; timeout?: number; env?: NodeJS.ProcessEnv } = {}): Run {
+  const r: SpawnSyncReturns<string> = spawnSync(cmd, args, {
+    encoding: 'utf8', input: opts.input, timeout: opts.timeout ?? 120000, env: opts.env ?? process.env,
+    maxBuffer: 64 << 20,
+  });
+  if (r.error) throw r.error;
+  return { code: r.status ?? (r.signal ? 128 : -1), stdout: r.stdout, stderr: r.stderr };
+}
+
+export function imgmount(args: string[], opts: { input?: string; timeout?: number; env?: NodeJS.ProcessEnv } = {}): Run {
+  return run(process.execPath, [BIN, ...args], opts);
+}
+
+export function hasCommand(c: string): boolean {
+  return spawnSync('sh', ['-c', `command -v ${c}`]).status === 0;
+}
+
+export function tmpdir(t: { teardown(fn: () => void | Promise<void>): void }, prefix = 'imgmount-test-'): string {
+  const d = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.teardown(() => {
+    unmountAllUnder(d);
+    fs.rmSync(d, { recursive: true, force: true });
+  });
+  return d;
+}
+
+/** Lazily unmounts anything still mounted below dir (a failed test must not leave mounts). */
+export function unmountAllUnder(dir: string): void {
+  const mounts = fs.readFileSync('/proc/mounts', 'utf8').split('\n').map((l) => l.split(' ')[1]).filter(Boolean);
+  for (const m of mounts) {
+    const mp = m.replace(/\\040/g, ' ');
+    if (mp === dir || mp.startsWith(dir + '/')) {
+      const r = imgmount(['unmount', '--force', mp], { timeout: 30000 });
+      if (r.code !== 0) spawnSync('umount', ['-l', mp]);
+    }
+  }
+}
+
+export function randomFile(file: string, size: number, seed = 1): Buffer {
+  const buf = Buffer.alloc(size);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < size; i += 4) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    buf.writeUInt32LE(x >>> 0, i);
+  }
+  fs.writeFileSync(file, buf);
+  return buf;
+}
+
+export function sha256(buf: Uint8Array): string {
+  return crypto.createHash('sha256').update(buf).digest('hex');
+}
+
+/** sha256 of a file, computed by a child process (safe for files on a mount). */
+export function childSha256(file: string): string {
+  const r = run('sha256sum', [file]);
+  if (r.code !== 0) throw new Error(`sha256sum ${file}: ${r.stderr}`);
+  return r.stdout.split(' ')[0];
+}
+
+/** Runs a python3 snippet in a child; argv[1..] are the extra args. */
+export function py(code: string, args: string[] = [], input?: string): Run {
+  return run('python3', ['-c', code, ...args], { input });
+}
+
+export function isMounted(mountpoint: string): boolean {
+  return fs.readFileSync('/proc/mounts', 'utf8').split('\n').some((l) => l.split(' ')[1] === mountpoint);
+}
+
+export function mount(t: { teardown(fn: () => void | Promise<void>): void }, image: string, mnt: string, extra: string[] = []): Run {
+  const r = imgmount(['mount', ...extra, image, mnt], { timeout: 60000 });
+  if (r.code === 0) {
+    t.teardown(() => {
+      if (isMounted(mnt)) imgmount(['unmount', '--force', mnt], { timeout: 60000 });
+    });
+  }
+  return r;
+}
+
+/** Starts a long-running child (qemu-io, qemu-storage-daemon, a holder of an open fd); killed in teardown. */
+export function background(t: { teardown(fn: () => void | Promise<void>): void }, cmd: string, args: string[]): ReturnType<typeof spawn> {
+  const p = spawn(cmd, args, { stdio: ['pipe', 'pipe', 'pipe'] });
+  let out = '';
+  p.stdout?.on('data', (d: Buffer) => { out += d.toString(); });
+  p.stderr?.on('data', (d: Buffer) => { out += d.toString(); });
+  (p as unknown as { output: () => string }).output = () => out;
+  t.teardown(() => new Promise<void>((resolve) => {
+    if (p.exitCode !== null || p.signalCode !== null) { resolve(); return; }
+    p.once('exit', () => resolve());
+    p.kill('SIGKILL');
+  }));
+  return p;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export async function waitFor(cond: () => boolean, ms = 10000, step = 50): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (cond()) return true;
+    await sleep(step);
+  }
+  return cond();
+}
