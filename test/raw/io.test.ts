@@ -1,0 +1,113 @@
+// raw through the mount: random unaligned I/O against a reference, SEEK_DATA/SEEK_HOLE,
+// st_blocks, discard, fsync, cache modes.
+import fs from 'node:fs';
+import path from 'node:path';
+import t from 'tap';
+import { childSha256, imgmount, mount, py, randomFile, run, sha256, tmpdir } from '../helpers';
+
+// A python3 client applies the same pseudo-random unaligned writes to two files.
+const WRITER = `
+import os, random, sys
+seed, n = int(sys.argv[1]), int(sys.argv[2])
+files = sys.argv[3:]
+fds = [os.open(f, os.O_RDWR) for f in files]
+size = os.fstat(fds[0]).st_size
+r = random.Random(seed)
+for i in range(n):
+    off = r.randrange(0, size - 1)
+    ln = r.randrange(1, min(300000, size - off) + 1)
+    data = bytes(r.getrandbits(8) for _ in range(min(ln, 64))) * (ln // 64 + 1)
+    data = data[:ln]
+    for fd in fds:
+        assert os.pwrite(fd, data, off) == ln
+    # read back a random unaligned range from the mount and compare with the reference
+    o2 = r.randrange(0, size - 1); l2 = r.randrange(1, min(200000, size - o2) + 1)
+    a = os.pread(fds[0], l2, o2); b = os.pread(fds[1], l2, o2)
+    assert a == b, "mismatch at %d+%d" % (o2, l2)
+for fd in fds:
+    os.fsync(fd); os.close(fd)
+print("ok")
+`;
+
+for (const cache of ['writeback', 'none', 'writethrough', 'unsafe']) {
+  t.test(`random unaligned writes match a reference file (cache=${cache})`, async (t) => {
+    const d = tmpdir(t);
+    const img = path.join(d, 'disk.img');
+    const ref = path.join(d, 'ref.img');
+    randomFile(img, 24 << 20, 3);
+    fs.copyFileSync(img, ref);
+    const mnt = path.join(d, 'm');
+    const m = mount(t, img, mnt, ['--cache', cache]);
+    t.equal(m.code, 0, m.stderr);
+    const w = py(WRITER, ['11', '150', path.join(mnt, 'disk.raw'), ref]);
+    t.equal(w.stdout.trim(), 'ok', `client: ${w.stderr}`);
+    t.equal(childSha256(path.join(mnt, 'disk.raw')), childSha256(ref), 'mount equals reference');
+    t.equal(imgmount(['unmount', mnt]).code, 0);
+    t.equal(sha256(fs.readFileSync(img)), sha256(fs.readFileSync(ref)), 'image equals reference after unmount');
+    t.equal(run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', img, ref]).code, 0, 'qemu-img compare: identical');
+  });
+}
+
+t.test('SEEK_DATA/SEEK_HOLE, st_blocks and PUNCH_HOLE follow the allocation', async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'sparse.img');
+  fs.writeFileSync(img, '');
+  fs.truncateSync(img, 64 << 20);
+  const fd = fs.openSync(img, 'r+');
+  fs.writeSync(fd, Buffer.alloc(1 << 20, 0xaa), 0, 1 << 20, 8 << 20);
+  fs.writeSync(fd, Buffer.alloc(4096, 0xbb), 0, 4096, 40 << 20);
+  fs.closeSync(fd);
+  const mnt = path.join(d, 'm');
+  t.equal(mount(t, img, mnt).code, 0);
+  const disk = path.join(mnt, 'disk.raw');
+  const seeks = py(`
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+out = []
+for off in (0, 8<<20, (8<<20)+5, 9<<20, 41<<20):
+    try: out.append(os.lseek(fd, off, os.SEEK_DATA))
+    except OSError as e: out.append(-e.errno)
+    try: out.append(os.lseek(fd, off, os.SEEK_HOLE))
+    except OSError as e: out.append(-e.errno)
+print(" ".join(map(str, out)))
+`, [disk]);
+  t.equal(seeks.stdout.trim(), [8 << 20, 0, 8 << 20, 9 << 20, (8 << 20) + 5, 9 << 20, 40 << 20, 9 << 20, -6, 41 << 20].join(' '),
+    `SEEK_DATA/SEEK_HOLE answers (${seeks.stderr})`);
+  const blocks = Number(run('stat', ['-c', '%b', disk]).stdout.trim());
+  t.ok(blocks >= 2056 && blocks < 4096, `st_blocks from allocation (${blocks})`);
+  const punch = py(`
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDWR)
+r = libc.fallocate(fd, 3, ctypes.c_long(8<<20), ctypes.c_long(1<<20))
+print(r, ctypes.get_errno())
+print(os.pread(fd, 16, (8<<20) + 100) == bytes(16))
+`, [disk]);
+  t.same(punch.stdout.trim().split('\n'), ['0 0', 'True'], `punch hole works and reads zeros (${punch.stderr})`);
+  t.equal(imgmount(['unmount', mnt]).code, 0);
+  const data = py(`
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print(os.lseek(fd, 0, os.SEEK_DATA))
+`, [img]);
+  t.equal(data.stdout.trim(), String(40 << 20), 'the hole was punched in the image file itself');
+});
+
+t.test('reads past the end are short, writes past the end fail, truncation is refused', async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'a.img');
+  randomFile(img, 1 << 20);
+  const mnt = path.join(d, 'm');
+  t.equal(mount(t, img, mnt).code, 0);
+  const r = py(`
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+print(len(os.pread(fd, 8192, (1<<20) - 100)))
+print(len(os.pread(fd, 100, 1<<20)))
+try: print(os.pwrite(fd, b"x"*10, (1<<20) + 10))
+except OSError as e: print("err", e.errno)
+try: os.ftruncate(fd, 10); print("truncated")
+except OSError as e: print("err", e.errno)
+`, [path.join(mnt, 'disk.raw')]);
+  t.same(r.stdout.trim().split('\n'), ['100', '0', 'err 28', 'err 1'], r.stderr);
+});
