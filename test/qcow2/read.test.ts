@@ -21,9 +21,20 @@ const cases: { name: string; opts: string[]; post?: (dir: string, img: string) =
       return c;
     },
   },
+  {
+    name: 'compressed (zstd)', opts: [], post: (dir, img) => {
+      const c = path.join(dir, 'z.qcow2');
+      qemuImg('convert', '-c', '-O', 'qcow2', '-o', 'compression_type=zstd,cluster_size=8k', img, c);
+      return c;
+    },
+  },
 ];
 
+let haveZstd = true;
+try { require.resolve('zstd-napi'); } catch { haveZstd = false; }
+
 for (const c of cases) {
+  if (c.name.includes('zstd') && !haveZstd) { t.test(`read: ${c.name}`, { skip: 'optional zstd-napi not installed' }, async () => undefined); continue; }
   t.test(`read: ${c.name}`, async (t) => {
     const dir = tmpdir(t);
     let img = path.join(dir, 'a.qcow2');

@@ -1089,21 +1089,48 @@ export function fullBackingName(backing: string, image: string): string {
   return slash < 0 ? backing : image.slice(0, slash + 1) + backing;
 }
 
-let zstdMod: { decompress(b: Buffer): Buffer } | null | undefined;
+interface ZstdStream {
+  on(ev: 'data', fn: (c: Buffer) => void): void;
+  on(ev: 'error', fn: (e: Error) => void): void;
+  on(ev: 'end', fn: () => void): void;
+  end(b: Buffer): void;
+  destroy(): void;
+}
+let zstdMod: { DecompressStream: new () => ZstdStream } | null | undefined;
+
+/** zstd data in a qcow2 cluster is one frame followed by padding up to the sector end
+ *  (qemu decompresses with a stream until the cluster is full); so do we. */
 async function zstdDecompress(src: Buffer, cs: number): Promise<Buffer> {
   if (zstdMod === undefined) {
     try {
-      // optional dependency: zstd-napi
-      // eslint-disable-next-line @typescript-eslint/no-var-requires
-      zstdMod = require('zstd-napi') as { decompress(b: Buffer): Buffer };
+      // optional dependency (Node 20's zlib has no zstd)
+      // eslint-disable-next-line @typescript-eslint/no-require-imports
+      zstdMod = require('zstd-napi') as { DecompressStream: new () => ZstdStream };
     } catch {
       zstdMod = null;
     }
   }
-  if (!zstdMod) throw new ImgError('unsupported', 'qcow2: zstd-compressed clusters need the zstd-napi package');
-  const m = zstdMod as unknown as { DecompressStream?: unknown; Decompressor: new () => { decompress(b: Buffer): Buffer } };
-  const d = new m.Decompressor();
-  const out = d.decompress(src);
-  if (out.length > cs) return out.subarray(0, cs);
-  return out;
+  if (!zstdMod) throw new ImgError('unsupported', 'qcow2: zstd-compressed clusters need the optional zstd-napi package');
+  const stream = new zstdMod.DecompressStream();
+  return new Promise<Buffer>((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let got = 0;
+    let settled = false;
+    const finish = (err?: Error): void => {
+      if (settled) return;
+      settled = true;
+      if (got >= cs) resolve(Buffer.concat(chunks).subarray(0, cs));
+      else reject(err ?? new Error(`zstd data ended after ${got} bytes`));
+      stream.destroy();
+    };
+    stream.on('data', (c) => {
+      chunks.push(c);
+      got += c.length;
+      if (got > cs * 2) finish(new Error('zstd data is larger than a cluster'));
+      else if (got >= cs) finish();
+    });
+    stream.on('error', (e) => finish(e));
+    stream.on('end', () => finish());
+    stream.end(src);
+  });
 }
