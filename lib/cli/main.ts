@@ -56,7 +56,7 @@ const out = (s: string): void => { process.stdout.write(s.endsWith('\n') ? s : `
 let exitCode = 0;
 
 const common = (y: Argv): Argv => y
-  .option('object', { type: 'string', array: true, describe: 'secret,id=ID,data=..|file=..[,format=raw|base64]' })
+  .option('object', { type: 'string', requiresArg: true, describe: 'secret,id=ID,data=..|file=..[,format=raw|base64]' })
   .option('image-opts', { type: 'boolean', describe: 'treat the image argument as an option string' })
   .option('U', { alias: 'force-share', type: 'boolean', describe: 'open without refusing to share (like qemu-img -U)' });
 
@@ -73,7 +73,7 @@ export function buildParser(argv: string[]): Argv {
     .command('mount <image> <mountpoint>', 'expose an image as <mountpoint>/disk.raw', (y) => common(fmtOpt(y))
       .positional('image', { type: 'string', describe: 'path, json:{...}, fat:... or option string with --image-opts' })
       .positional('mountpoint', { type: 'string' })
-      .option('o', { alias: 'options', type: 'string', array: true, describe: 'driver options K=V,... (dotted for children)' })
+      .option('o', { alias: 'options', type: 'string', requiresArg: true, describe: 'driver options K=V,... (dotted for children)' })
       .option('r', { alias: 'read-only', type: 'boolean', describe: 'expose read-only' })
       .option('s', { alias: 'snapshot', type: 'boolean', describe: 'write to a temporary overlay; the image is never modified' })
       .option('l', { alias: 'load-snapshot', type: 'string', describe: 'expose internal snapshot ID or TAG (read-only)' })
@@ -111,7 +111,7 @@ export function buildParser(argv: string[]): Argv {
       .positional('file', { type: 'string' })
       .positional('size', { type: 'string', describe: 'bytes, or with k, M, G, T, P, E suffix' })
       .option('f', { alias: 'format', type: 'string', demandOption: true, describe: 'image format' })
-      .option('o', { alias: 'options', type: 'string', array: true, describe: 'format options K=V,...' })
+      .option('o', { alias: 'options', type: 'string', requiresArg: true, describe: 'format options K=V,...' })
       .option('b', { alias: 'backing', type: 'string', describe: 'backing file' })
       .option('F', { alias: 'backing-format', type: 'string', describe: 'backing file format' })
       .option('q', { alias: 'quiet', type: 'boolean' }),
@@ -207,7 +207,7 @@ export function buildParser(argv: string[]): Argv {
       .positional('src', { type: 'string' })
       .positional('dst', { type: 'string' })
       .option('O', { type: 'string', default: 'raw', describe: 'output format' })
-      .option('o', { alias: 'options', type: 'string', array: true, describe: 'output format options' })
+      .option('o', { alias: 'options', type: 'string', requiresArg: true, describe: 'output format options' })
       .option('c', { type: 'boolean', describe: 'compress the output' })
       .option('p', { alias: 'progress', type: 'boolean' })
       .option('S', { type: 'string', describe: 'sparse size (0 = no zero detection)' }),
