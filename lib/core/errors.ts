@@ -11,7 +11,8 @@ export type ErrorKind =
   | 'readonly'    // write to a read-only node
   | 'range'       // request outside the image
   | 'unsupported' // operation the node does not implement
-  | 'nospace';
+  | 'nospace'
+  | 'permission'; // refused by policy (e.g. a probed raw image turning into a format)
 
 export class ImgError extends Error {
   readonly kind: ErrorKind;
@@ -34,6 +35,7 @@ export const EXIT_CODES: Record<ErrorKind, number> = {
   readonly: 5,
   range: 5,
   nospace: 5,
+  permission: 5,
 };
 
 const errnoOf: Record<ErrorKind, number> = {
@@ -46,6 +48,7 @@ const errnoOf: Record<ErrorKind, number> = {
   readonly: os.constants.errno.EROFS,
   range: os.constants.errno.EINVAL,
   nospace: os.constants.errno.ENOSPC,
+  permission: os.constants.errno.EPERM,
 };
 
 /** errno for a FUSE reply; host errors keep their own errno where it is meaningful */

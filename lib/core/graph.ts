@@ -116,6 +116,7 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
   const file = await openTree(fileTree, ctx, readOnly, role);
   try {
     let drv;
+    const probed = driver === undefined;
     if (driver === undefined) {
       const head = Buffer.alloc(Math.min(65536, Math.max(0, file.size)));
       if (head.length) await file.read(head, 0);
@@ -134,6 +135,7 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
       readOnly,
       secrets: ctx.secrets,
       filename: imageName,
+      probed,
       openBacking: async (bname, bfmt) => {
         if (ctx.noBacking || backingOpt === 'null') return null;
         let bt: OptionTree;

@@ -96,6 +96,8 @@ export interface OpenContext {
   secrets: SecretStore;
   /** the image's filename as the user gave it (relative backing names resolve against it) */
   filename: string;
+  /** the format was probed, not named by the user */
+  probed: boolean;
   /** opens the backing node named in the header (null: none), honouring the user's `backing`
    *  options (backing=null, backing.driver=..., backing.file.filename=...); read-only */
   openBacking(filename: string | null, format: string | null): Promise<BlockNode | null>;

@@ -20,7 +20,7 @@ export async function checkImage(spec: string, o: OpenOptions, repair: 'none' | 
   try {
     const secrets = o.secrets ?? new SecretStore();
     const res = await drv.check(file, {
-      options: {}, readOnly: repair === 'none', secrets, filename,
+      options: {}, readOnly: repair === 'none', secrets, filename, probed: false,
       openBacking: async () => null,
       openChild: async () => { throw new ImgError('unsupported', 'check does not open child images'); },
     }, repair);

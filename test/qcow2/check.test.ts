@@ -10,6 +10,7 @@ import { qemuImg, qemuImgStatus, qemuIo, tmpdir } from './helpers';
 function octx(filename: string, readOnly: boolean): OpenContext {
   return {
     options: {}, readOnly, secrets: new SecretStore(), filename,
+    probed: false,
     openBacking: async () => null,
     openChild: async () => { throw new Error('no children in this test'); },
   };

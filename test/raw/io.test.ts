@@ -111,3 +111,24 @@ except OSError as e: print("err", e.errno)
 `, [path.join(mnt, 'disk.raw')]);
   t.same(r.stdout.trim().split('\n'), ['100', '0', 'err 28', 'err 1'], r.stderr);
 });
+
+t.test('a probed raw image cannot be turned into another format through sector 0', async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'a.img');
+  fs.writeFileSync(img, Buffer.alloc(1 << 20));
+  const mnt = path.join(d, 'm');
+  const poke = (): string => py(`
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+try: os.pwrite(fd, b"QFI\\xfb\\x00\\x00\\x00\\x03", 0); print("written")
+except OSError as e: print("err", e.errno)
+try: os.pwrite(fd, b"plain", 100); print("written")
+except OSError as e: print("err", e.errno)
+`, [path.join(mnt, 'disk.raw')]).stdout.trim();
+  t.equal(mount(t, img, mnt).code, 0);
+  t.same(poke().split('\n'), ['err 1', 'written'], 'probed: a qcow2 magic is refused (EPERM), other writes pass');
+  t.equal(imgmount(['unmount', mnt]).code, 0);
+  t.equal(mount(t, img, mnt, ['-f', 'raw']).code, 0);
+  t.same(poke().split('\n'), ['written', 'written'], 'with -f raw the guest may write anything');
+  t.equal(imgmount(['unmount', mnt]).code, 0);
+});

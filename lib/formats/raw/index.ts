@@ -4,13 +4,16 @@ import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, Preal
 import { OptionReader } from '../../core/options';
 import { createFile } from '../../protocols/file';
 
+const PROBE_SECTOR = 512;
+
 class RawNode implements BlockNode {
   readonly driver = 'raw';
   readonly readOnly: boolean;
   readonly align: number;
   readonly backing = null;
   mapInvalidator = null;
-  constructor(readonly file: BlockNode, private offset: number, private fixedSize: number | null, readOnly: boolean) {
+  constructor(readonly file: BlockNode, private offset: number, private fixedSize: number | null, readOnly: boolean,
+    private probed: boolean) {
     this.readOnly = readOnly;
     this.align = file.align;
   }
@@ -21,8 +24,23 @@ class RawNode implements BlockNode {
   }
 
   read(buf: Uint8Array, offset: number): Promise<void> { return this.file.read(buf, offset + this.offset); }
-  write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
+  async write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
+    if (this.probed && offset < PROBE_SECTOR) await this.checkProbeSafe(buf, offset);
     return this.file.write!(buf, offset + this.offset, flags);
+  }
+
+  // As qemu: an image that was probed as raw must not be turned into something that would be
+  // probed as another format next time (a guest could otherwise make the host open its
+  // backing files).
+  private async checkProbeSafe(buf: Uint8Array, offset: number): Promise<void> {
+    const sector = Buffer.alloc(Math.min(PROBE_SECTOR, this.size));
+    await this.file.read(sector, this.offset);
+    sector.set(buf.subarray(0, Math.max(0, sector.length - offset)), offset);
+    const { probeFormat } = await import('../index');
+    const fmt = probeFormat(sector, this.filename);
+    if (fmt.name !== 'raw') {
+      throw new ImgError('permission', `write to sector 0 refused: it would make the probed raw image look like ${fmt.name} (pass -f raw)`);
+    }
   }
   async writeZeroes(offset: number, length: number, flags?: ZeroFlags): Promise<void> {
     if (this.file.writeZeroes) return this.file.writeZeroes(offset + this.offset, length, flags);
@@ -33,12 +51,15 @@ class RawNode implements BlockNode {
   }
   async flush(): Promise<void> { if (this.file.flush) await this.file.flush(); }
   async blockStatus(offset: number, length: number): Promise<Extent> {
+    // sector 0 of a probed image must pass checkProbeSafe: never let the fast path write it
+    const guarded = this.probed && offset < Math.max(PROBE_SECTOR, this.align);
+    if (guarded) length = Math.min(length, Math.max(PROBE_SECTOR, this.align) - offset);
     const ext = await this.file.blockStatus(offset + this.offset, length);
     return {
       offset,
       length: Math.min(ext.length, length),
       state: ext.state === 'unallocated' ? 'zero' : ext.state,
-      host: ext.host ? { ...ext.host } : undefined,
+      host: ext.host ? { ...ext.host, writable: ext.host.writable && !guarded } : undefined,
     };
   }
   async truncate(size: number, prealloc?: Preallocation): Promise<void> {
@@ -66,7 +87,7 @@ export const rawDriver: FormatDriver = {
       fixed = new OptionReader({ size: sizeOpt }, 'raw').int('size', 0);
       if (offset + fixed > file.size) throw new ImgError('image', `raw: offset+size (${offset + fixed}) is beyond the end of the file (${file.size} bytes)`);
     }
-    return new RawNode(file, offset, fixed, ctx.readOnly);
+    return new RawNode(file, offset, fixed, ctx.readOnly, ctx.probed);
   },
   async create(ctx: CreateContext): Promise<void> {
     const r = new OptionReader(ctx.options, 'raw');

@@ -119,20 +119,29 @@ export class FileNode implements BlockNode {
     if (offset + buf.length > this._size && !this.isBlockDevice) this._size = offset + buf.length;
   }
 
-  // O_DIRECT needs aligned memory; Node buffers are not, so copy through an aligned one.
+  // O_DIRECT needs aligned memory, offsets and lengths; Node buffers are not aligned, so copy
+  // through an aligned buffer covering the request (read-modify-write for unaligned writes).
   private async bounced(buf: Uint8Array, offset: number, isWrite: boolean): Promise<void> {
     const nat = loadNative();
     if (!nat) throw new ImgError('io', `cache=none on '${this.filename}' needs the native addon`);
-    if (offset % DIRECT_ALIGN || buf.length % DIRECT_ALIGN) {
-      throw new ImgError('io', `unaligned O_DIRECT request on '${this.filename}'`);
-    }
-    const b = nat.allocAligned(buf.length, DIRECT_ALIGN);
+    const start = offset - (offset % DIRECT_ALIGN);
+    const end = Math.ceil((offset + buf.length) / DIRECT_ALIGN) * DIRECT_ALIGN;
+    const b = nat.allocAligned(end - start, DIRECT_ALIGN);
+    const unaligned = start !== offset || end !== offset + buf.length;
+    if (!isWrite || unaligned) await this.read(b, start);
     if (isWrite) {
-      b.set(buf);
-      await this.write(b, offset);
+      b.set(buf, offset - start);
+      // never extend the file past what the caller wrote because of the alignment padding
+      const limit = Math.max(this._size, offset + buf.length);
+      if (end > limit) {
+        await this.write(b.subarray(0, end - start), start);
+        fs.ftruncateSync(this.fd, limit);
+        this._size = limit;
+      } else {
+        await this.write(b, start);
+      }
     } else {
-      await this.read(b, offset);
-      buf.set(b);
+      buf.set(b.subarray(offset - start, offset - start + buf.length));
     }
   }
 
