@@ -29,6 +29,8 @@ export interface OpenOptions {
   cache?: CacheMode;
   /** open without the backing chain (qemu-img's -u and info without --backing-chain need it) */
   noBacking?: boolean;
+  /** an already opened node to use as the top image's backing (snapshot mode's overlay) */
+  backingNode?: BlockNode;
 }
 
 const PROTOCOLS = new Set(['file', 'host_device']);
@@ -59,6 +61,7 @@ interface Ctx {
   noBacking: boolean;
   depth: number;
   opened: Set<string>;
+  backingNode?: BlockNode;
 }
 
 export async function openImage(spec: string, o: OpenOptions = {}): Promise<BlockNode> {
@@ -71,6 +74,7 @@ export async function openImage(spec: string, o: OpenOptions = {}): Promise<Bloc
     noBacking: o.noBacking ?? false,
     depth: 0,
     opened: new Set(),
+    backingNode: o.backingNode,
   };
   return openTree(tree, ctx, !!o.readOnly, 'image');
 }
@@ -137,6 +141,7 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
       filename: imageName,
       probed,
       openBacking: async (bname, bfmt) => {
+        if (ctx.backingNode && ctx.depth === 0) return ctx.backingNode;
         if (ctx.noBacking || backingOpt === 'null') return null;
         let bt: OptionTree;
         if (backingOpt !== undefined && typeof backingOpt !== 'string') {

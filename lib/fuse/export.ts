@@ -52,6 +52,7 @@ export class FuseExport {
   private blocksTimer: NodeJS.Timeout | null = null;
   private pending = 0;
   private idle: (() => void) | null = null;
+  private paused: FuseRequest[] | null = null;
 
   constructor(files: ExportFile[], private o: ExportOptions) {
     const nat = loadNative();
@@ -124,6 +125,26 @@ export class FuseExport {
     await this.quiesce();
   }
 
+  /**
+   * Runs fn with all I/O stopped: requests wait, the native map is emptied (so no native
+   * thread touches the image), and the map is rebuilt on demand afterwards.
+   */
+  async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.paused) await new Promise((r) => setTimeout(r, 10));
+    this.paused = [];
+    try {
+      await this.quiesce();
+      for (let i = 0; i < this.files.length; i++) this.invalidate(i, 0, Math.max(1, this.files[i].f.node.size));
+      return await fn();
+    } finally {
+      const backlog = this.paused ?? [];
+      this.paused = null;
+      for (const f of this.files) f.dirtyBlocks = true;
+      this.dispatch(backlog);
+      this.refreshBlocks();
+    }
+  }
+
   stats(): { nativeReads: number; nativeWrites: number; jsRequests: number } | null {
     return this.srv ? this.nat.stats(this.srv) : null;
   }
@@ -138,6 +159,11 @@ export class FuseExport {
   private drain(): void {
     if (!this.srv) return;
     const reqs = this.nat.takeRequests(this.srv);
+    if (this.paused) { this.paused.push(...reqs); return; }
+    this.dispatch(reqs);
+  }
+
+  private dispatch(reqs: FuseRequest[]): void {
     for (const r of reqs) {
       this.pending++;
       this.handle(r).catch((e) => debug('request failed: %s', (e as Error).message)).finally(() => {

@@ -19,10 +19,15 @@ export function runtimeDir(): string {
   return xdg ? path.join(xdg, 'imgmount') : path.join(os.tmpdir(), `imgmount-${process.getuid?.() ?? 0}`);
 }
 
-function stateFile(mountpoint: string): string {
+function stateBase(mountpoint: string): string {
   const h = crypto.createHash('sha256').update(mountpoint).digest('hex').slice(0, 20);
-  return path.join(runtimeDir(), `${h}.json`);
+  return path.join(runtimeDir(), h);
 }
+
+function stateFile(mountpoint: string): string { return `${stateBase(mountpoint)}.json`; }
+
+/** The server's control socket (commit of a -s mount). */
+export function controlSocket(mountpoint: string): string { return `${stateBase(mountpoint)}.sock`; }
 
 export function writeState(st: MountState): void {
   fs.mkdirSync(runtimeDir(), { recursive: true, mode: 0o700 });

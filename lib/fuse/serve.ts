@@ -4,7 +4,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import createDebug from 'debug';
 import { ImgError } from '../core/errors';
-import { CacheMode, openImage } from '../core/graph';
+import { CacheMode, openImage, OpenOptions } from '../core/graph';
 import type { LockMode } from '../core/lock';
 import { loadNative, MNT_DETACH } from '../core/native';
 import type { BlockNode } from '../core/node';
@@ -12,6 +12,8 @@ import type { OptionTree } from '../core/options';
 import { SecretStore } from '../core/secrets';
 import { ExportFile, FuseExport } from './export';
 import { removeState, writeState } from './runtime';
+import { startControl, stopControl } from './control';
+import { openSnapshotMode, SnapshotMode } from './overlay';
 
 const debug = createDebug('imgmount:serve');
 
@@ -38,15 +40,21 @@ export function snapshotFileName(tag: string): string {
   return `${tag.replace(/[/\0]/g, '_').replace(/^\.+/, '_') || '_'}.raw`;
 }
 
-async function buildFiles(cfg: ServeConfig, secrets: SecretStore): Promise<{ files: ExportFile[]; nodes: BlockNode[] }> {
+interface Built { files: ExportFile[]; nodes: BlockNode[]; snapshotMode: SnapshotMode | null }
+
+async function buildFiles(cfg: ServeConfig, secrets: SecretStore): Promise<Built> {
+  const openOpts: OpenOptions = {
+    format: cfg.format, options: cfg.options, imageOpts: cfg.imageOpts,
+    secrets, locking: cfg.locking, shareRw: cfg.shareRw, cache: cfg.cache,
+  };
   if (cfg.snapshot) {
-    throw new ImgError('unsupported', 'snapshot mode (-s) needs the qcow2 overlay, planned in issue 3');
+    if (cfg.loadSnapshot !== undefined) throw new ImgError('usage', '-s and -l cannot be combined');
+    if (cfg.readOnly) throw new ImgError('usage', '-s and -r cannot be combined');
+    const sm = await openSnapshotMode(cfg.image, openOpts);
+    return { files: [{ path: 'disk.raw', node: sm.top, readOnly: false }], nodes: [sm.top], snapshotMode: sm };
   }
   const readOnly = cfg.readOnly || cfg.loadSnapshot !== undefined;
-  const node = await openImage(cfg.image, {
-    format: cfg.format, options: cfg.options, imageOpts: cfg.imageOpts, readOnly,
-    secrets, locking: cfg.locking, shareRw: cfg.shareRw, cache: cfg.cache,
-  });
+  const node = await openImage(cfg.image, { ...openOpts, readOnly });
   const nodes: BlockNode[] = [node];
   const files: ExportFile[] = [];
   try {
@@ -73,7 +81,7 @@ async function buildFiles(cfg: ServeConfig, secrets: SecretStore): Promise<{ fil
     for (const n of nodes.reverse()) await n.close().catch(() => undefined);
     throw e;
   }
-  return { files, nodes };
+  return { files, nodes, snapshotMode: null };
 }
 
 /** Kernel-side unmount of our own mountpoint (root: umount2; else fusermount3 -u). */
@@ -99,7 +107,7 @@ export async function kernelUnmount(mountpoint: string, lazy: boolean): Promise<
  */
 export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void): Promise<number> {
   const secrets = SecretStore.fromJSON(cfg.secrets);
-  let built: { files: ExportFile[]; nodes: BlockNode[] };
+  let built: Built;
   try {
     built = await buildFiles(cfg, secrets);
   } catch (e) {
@@ -126,6 +134,16 @@ export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void
     return 1;
   }
   writeState({ pid: process.pid, mountpoint: cfg.mountpoint, image: cfg.image.startsWith('json:') ? 'json:...' : cfg.image, createdMountpoint: cfg.createdMountpoint, started: Date.now() });
+  const control = startControl(cfg.mountpoint, async (req) => {
+    if (req.op === 'ping') return;
+    if (req.op === 'commit') {
+      const sm = built.snapshotMode;
+      if (!sm) throw new ImgError('usage', `${cfg.mountpoint} is not mounted in snapshot mode (-s): nothing to commit`);
+      await exp.exclusive(() => sm.commit());
+      return;
+    }
+    throw new ImgError('usage', 'unknown control request');
+  });
   let stopping = false;
   const onSignal = (): void => {
     if (stopping) return;
@@ -147,6 +165,7 @@ export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void
   debug('server threads stopped (%d)', err);
   await exp.stop();
   await closeNodes();
+  stopControl(control, cfg.mountpoint);
   removeState(cfg.mountpoint, process.pid);
   if (cfg.createdMountpoint) {
     try { fs.rmdirSync(cfg.mountpoint); } catch { /* still mounted or not empty */ }
