@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { dmgDriver } from './dmg';
 
 const ascii = (head: Uint8Array, at: number, s: string): boolean =>
   head.length >= at + s.length && Buffer.from(head.buffer, head.byteOffset + at, s.length).toString('latin1') === s;
@@ -38,7 +39,7 @@ export const drivers: FormatDriver[] = [
   pending('luks', 6, (h) => (ascii(h, 0, 'LUKS\xba\xbe') ? 100 : 0)),
   pending('bochs', 5, (h) => (ascii(h, 0, 'Bochs Virtual HD Image') ? 100 : 0)),
   pending('cloop', 5, (h) => (ascii(h, 0, '#!/bin/sh\n#V2.0 Format\n') ? 2 : 0)),
-  pending('dmg', 5, (_h, f) => (f.toLowerCase().endsWith('.dmg') ? 2 : 0)),
+  dmgDriver,
 ];
 
 export function registerDriver(d: FormatDriver): void {
