@@ -26,7 +26,10 @@ export async function mountCommand(cfg: ServeConfig, foreground: boolean, debugL
   };
   if (foreground) {
     let startErr: Error | null = null;
-    const code = await serve(cfg, (err) => { startErr = err; });
+    const code = await serve(cfg, (err, notice) => {
+      startErr = err;
+      if (notice) process.stderr.write(`${notice}\n`);
+    });
     if (startErr) { cleanupDir(); throw startErr; }
     return code;
   }
@@ -54,7 +57,11 @@ export async function mountCommand(cfg: ServeConfig, foreground: boolean, debugL
   });
   (child.stdio[3] as NodeJS.ReadableStream & { destroy(): void }).destroy();
   child.unref();
-  if (status.startsWith('ok')) return 0;
+  if (status.startsWith('ok')) {
+    const notice = status.slice(2).trim();
+    if (notice) process.stderr.write(`${notice}\n`);
+    return 0;
+  }
   cleanupDir();
   const m = /^err (\d+) (.*)/.exec(status.trim());
   const code = m ? Number(m[1]) : 5;

@@ -17,10 +17,10 @@ function readStdin(): Promise<string> {
 async function main(): Promise<void> {
   const cfg = JSON.parse(await readStdin()) as ServeConfig;
   let reported = false;
-  const report = (err: Error | null): void => {
+  const report = (err: Error | null, notice?: string): void => {
     if (reported) return;
     reported = true;
-    const line = err ? `err ${exitCodeOf(err)} ${formatError(err)}\n` : 'ok\n';
+    const line = err ? `err ${exitCodeOf(err)} ${formatError(err)}\n` : `ok${notice ? ` ${notice.split('\n')[0]}` : ''}\n`;
     try { fs.writeSync(3, line); fs.closeSync(3); } catch { /* parent gone */ }
   };
   const code = await serve(cfg, report);

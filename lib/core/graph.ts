@@ -8,7 +8,7 @@ import type { BlockNode, OpenContext } from './node';
 import { cloneTree, mergeTrees, OptionReader, OptionTree, parseBool, parseJsonFilename, parseOptionString } from './options';
 import { SecretStore } from './secrets';
 import type { LockMode } from './lock';
-import { findDriver, probeFormat } from '../formats';
+import { findDriver, probeFormat, PROBE_TAIL } from '../formats';
 import { FileNode } from '../protocols/file';
 
 const debug = createDebug('imgmount:graph');
@@ -124,7 +124,9 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
     if (driver === undefined) {
       const head = Buffer.alloc(Math.min(65536, Math.max(0, file.size)));
       if (head.length) await file.read(head, 0);
-      drv = probeFormat(head, file.filename);
+      const tail = Buffer.alloc(Math.min(PROBE_TAIL, Math.max(0, file.size)));
+      if (tail.length) await file.read(tail, file.size - tail.length);
+      drv = probeFormat(head, file.filename, tail, file.size);
       driver = drv.name;
       debug('probed %s as %s', file.filename, driver);
     } else {

@@ -132,7 +132,8 @@ export interface FormatDriver {
   name: string;
   /** score 0..100 from the first bytes (at least 4096 or the whole file) and the filename */
   probe?(head: Uint8Array, filename: string): number;
-  /** true for formats that may be probed; raw never is */
+  /** score 0..100 from the last bytes of the file (up to 4096: dmg's koly, a fixed VHD's footer) */
+  probeTail?(tail: Uint8Array, fileSize: number): number;
   open(file: BlockNode, ctx: OpenContext): Promise<BlockNode>;
   create?(ctx: CreateContext): Promise<void>;
   check?(file: BlockNode, ctx: OpenContext, repair: 'none' | 'leaks' | 'all'): Promise<CheckResult>;

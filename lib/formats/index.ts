@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { luksDriver } from './luks';
 import { dmgDriver } from './dmg';
 
 const ascii = (head: Uint8Array, at: number, s: string): boolean =>
@@ -36,7 +37,7 @@ export const drivers: FormatDriver[] = [
   pending('vpc', 4, (h) => (ascii(h, 0, 'conectix') ? 100 : 0)),
   pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
   pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
-  pending('luks', 6, (h) => (ascii(h, 0, 'LUKS\xba\xbe') ? 100 : 0)),
+  luksDriver,
   pending('bochs', 5, (h) => (ascii(h, 0, 'Bochs Virtual HD Image') ? 100 : 0)),
   pending('cloop', 5, (h) => (ascii(h, 0, '#!/bin/sh\n#V2.0 Format\n') ? 2 : 0)),
   dmgDriver,
@@ -55,12 +56,15 @@ export function findDriver(name: string): FormatDriver {
 }
 
 /** The best-scoring format for the head of a file; raw when nothing matches. */
-export function probeFormat(head: Uint8Array, filename: string): FormatDriver {
+export const PROBE_TAIL = 4096;
+
+export function probeFormat(head: Uint8Array, filename: string, tail?: Uint8Array, fileSize = 0): FormatDriver {
   let best = rawDriver;
   let score = 0;
   for (const d of drivers) {
-    if (d === rawDriver || !d.probe) continue;
-    const s = d.probe(head, filename);
+    if (d === rawDriver) continue;
+    let s = d.probe ? d.probe(head, filename) : 0;
+    if (tail && d.probeTail) s = Math.max(s, d.probeTail(tail, fileSize));
     if (s > score) { score = s; best = d; }
   }
   return best;

@@ -105,7 +105,7 @@ export async function kernelUnmount(mountpoint: string, lazy: boolean): Promise<
  * Runs a server until it is unmounted. `ready` is called once disk.raw is usable (or with
  * the error that prevented it); the promise resolves with the exit code.
  */
-export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void): Promise<number> {
+export async function serve(cfg: ServeConfig, ready: (err: Error | null, notice?: string) => void): Promise<number> {
   const secrets = SecretStore.fromJSON(cfg.secrets);
   let built: Built;
   try {
@@ -160,7 +160,10 @@ export async function serve(cfg: ServeConfig, ready: (err: Error | null) => void
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
   process.on('SIGHUP', onSignal);
-  ready(null);
+  const top = built.files[0];
+  const notice = !cfg.readOnly && top.readOnly && cfg.loadSnapshot === undefined
+    ? `imgmount: notice: ${cfg.image}: the ${top.node.driver} format is read-only here; disk.raw is read-only` : undefined;
+  ready(null, notice);
   const err = await exp.wait();
   debug('server threads stopped (%d)', err);
   await exp.stop();
