@@ -1,0 +1,213 @@
+// Sector encryption as dm-crypt and qemu's crypto layer do it: a cipher, a chaining mode
+// (xts, cbc, ecb, ctr) and an IV generator (plain, plain64, essiv:<hash>) keyed by the sector
+// number. Everything works on runs of sectors: one OpenSSL call per request, not per sector.
+//   XTS: the tweaks of every sector come from one ECB call (E_K2 of the IVs), are expanded by
+//   multiplication with alpha in JS, and the data goes through one ECB call between two XORs.
+//   CBC decryption is parallel (one ECB call, then XOR with the previous ciphertext block).
+import crypto from 'node:crypto';
+import { ImgError } from '../core/errors';
+import { BlockCipher, CipherAlg, makeCipher } from './cipher';
+
+export type CipherMode = 'xts' | 'cbc' | 'ecb' | 'ctr';
+export type IvGenAlg = 'plain' | 'plain64' | 'essiv';
+export const CIPHER_MODES: readonly CipherMode[] = ['xts', 'cbc', 'ecb', 'ctr'];
+export const IVGEN_ALGS: readonly IvGenAlg[] = ['plain', 'plain64', 'essiv'];
+export const HASH_ALGS = ['sha1', 'sha224', 'sha256', 'sha384', 'sha512', 'ripemd160'] as const;
+export type HashAlg = typeof HASH_ALGS[number];
+
+export function hashLen(h: HashAlg): number {
+  return { sha1: 20, sha224: 28, sha256: 32, sha384: 48, sha512: 64, ripemd160: 20 }[h];
+}
+
+export function isHashAlg(s: string): s is HashAlg { return (HASH_ALGS as readonly string[]).includes(s); }
+
+export interface SectorCipherSpec {
+  alg: CipherAlg;
+  mode: CipherMode;
+  ivgen: IvGenAlg | null; // null only for ecb
+  ivHash?: HashAlg;       // essiv
+}
+
+/** Parses dm-crypt's "aes" + "xts-plain64" / "cbc-essiv:sha256" / "ecb" pair. */
+export function parseCipherSpec(name: string, modeSpec: string): SectorCipherSpec {
+  const alg = name.toLowerCase();
+  if (alg !== 'aes' && alg !== 'twofish' && alg !== 'serpent') throw new ImgError('unsupported', `unsupported cipher '${name}'`);
+  const m = /^([a-z]+)(?:-([a-z0-9]+)(?::([a-z0-9]+))?)?$/.exec(modeSpec.toLowerCase());
+  if (!m) throw new ImgError('unsupported', `unsupported cipher mode '${modeSpec}'`);
+  const mode = m[1];
+  if (!(CIPHER_MODES as readonly string[]).includes(mode)) throw new ImgError('unsupported', `unsupported cipher mode '${modeSpec}'`);
+  let ivgen: IvGenAlg | null = null;
+  let ivHash: HashAlg | undefined;
+  if (m[2] !== undefined) {
+    if (!(IVGEN_ALGS as readonly string[]).includes(m[2])) throw new ImgError('unsupported', `unsupported IV generator '${m[2]}'`);
+    ivgen = m[2] as IvGenAlg;
+    if (ivgen === 'essiv') {
+      if (!m[3] || !isHashAlg(m[3])) throw new ImgError('unsupported', `unsupported ESSIV hash in '${modeSpec}'`);
+      ivHash = m[3];
+    } else if (m[3] !== undefined) throw new ImgError('unsupported', `unsupported cipher mode '${modeSpec}'`);
+  } else if (mode !== 'ecb') throw new ImgError('unsupported', `cipher mode '${modeSpec}' needs an IV generator`);
+  return { alg: alg as CipherAlg, mode: mode as CipherMode, ivgen, ivHash };
+}
+
+export function modeString(s: SectorCipherSpec): string {
+  if (!s.ivgen) return s.mode;
+  return `${s.mode}-${s.ivgen}${s.ivgen === 'essiv' ? `:${s.ivHash}` : ''}`;
+}
+
+/** XOR src into dst (same length). */
+export function xorInto(dst: Uint8Array, src: Uint8Array): void {
+  const n = dst.length;
+  if ((dst.byteOffset & 3) === 0 && (src.byteOffset & 3) === 0 && (n & 3) === 0) {
+    const d = new Int32Array(dst.buffer, dst.byteOffset, n >> 2);
+    const s = new Int32Array(src.buffer, src.byteOffset, n >> 2);
+    for (let i = 0; i < d.length; i++) d[i] ^= s[i];
+  } else {
+    for (let i = 0; i < n; i++) dst[i] ^= src[i];
+  }
+}
+
+export class SectorCipher {
+  private c1: BlockCipher;
+  private c2: BlockCipher | null = null; // xts tweak cipher
+  private essiv: BlockCipher | null = null;
+
+  constructor(readonly spec: SectorCipherSpec, key: Uint8Array, readonly sectorSize: number) {
+    if (sectorSize % 16 || sectorSize < 16) throw new ImgError('image', `invalid sector size ${sectorSize}`);
+    if (spec.mode === 'xts') {
+      if (key.length % 2) throw new ImgError('crypto', 'xts: odd key length');
+      this.c1 = makeCipher(spec.alg, key.subarray(0, key.length / 2));
+      this.c2 = makeCipher(spec.alg, key.subarray(key.length / 2));
+    } else {
+      this.c1 = makeCipher(spec.alg, key);
+    }
+    if (spec.ivgen === 'essiv') {
+      const salt = crypto.createHash(spec.ivHash as string).update(key).digest();
+      this.essiv = makeCipher(spec.alg, salt);
+    }
+  }
+
+  /** the IVs of n sectors starting at `sector`, 16 bytes each */
+  private ivs(sector: number, n: number): Buffer {
+    const iv = Buffer.alloc(n * 16);
+    const ivgen = this.spec.ivgen;
+    if (ivgen === null) return iv;
+    let lo = sector % 0x100000000;
+    let hi = Math.floor(sector / 0x100000000);
+    for (let i = 0; i < n; i++) {
+      iv.writeUInt32LE(lo, i * 16);
+      if (ivgen !== 'plain') iv.writeUInt32LE(hi, i * 16 + 4);
+      if (++lo === 0x100000000) { lo = 0; hi++; }
+    }
+    return this.essiv ? this.essiv.ecbEncrypt(iv) : iv;
+  }
+
+  /** the XTS tweak of every 16-byte block of n sectors (one ECB call for all of them) */
+  private tweaks(sector: number, n: number): Uint8Array {
+    const bps = this.sectorSize / 16;
+    const t0 = (this.c2 as BlockCipher).ecbEncrypt(this.ivs(sector, n));
+    const tw = new Uint8Array(n * this.sectorSize);
+    const w = new Int32Array(tw.buffer);
+    const s = new Uint8Array(16);
+    const sw = new Int32Array(s.buffer);
+    for (let i = 0; i < n; i++) {
+      s.set(t0.subarray(i * 16, i * 16 + 16));
+      let w0 = sw[0], w1 = sw[1], w2 = sw[2], w3 = sw[3];
+      let p = i * bps * 4;
+      w[p] = w0; w[p + 1] = w1; w[p + 2] = w2; w[p + 3] = w3;
+      for (let j = 1; j < bps; j++) {
+        const carry = w3 >>> 31;
+        w3 = (w3 << 1) | (w2 >>> 31);
+        w2 = (w2 << 1) | (w1 >>> 31);
+        w1 = (w1 << 1) | (w0 >>> 31);
+        w0 = (w0 << 1) ^ (carry * 0x87);
+        p += 4;
+        w[p] = w0; w[p + 1] = w1; w[p + 2] = w2; w[p + 3] = w3;
+      }
+    }
+    return tw;
+  }
+
+  /** CTR keystream: block j of a sector is E(IV + j), the IV a 128-bit big-endian counter */
+  private keystream(sector: number, n: number): Buffer {
+    const bps = this.sectorSize / 16;
+    const iv = this.ivs(sector, n);
+    const ctr = Buffer.allocUnsafe(n * this.sectorSize);
+    for (let i = 0; i < n; i++) {
+      const b = iv.subarray(i * 16, i * 16 + 16);
+      for (let j = 0; j < bps; j++) {
+        ctr.set(b, (i * bps + j) * 16);
+        // increment big-endian
+        for (let k = 15; k >= 0; k--) { b[k] = (b[k] + 1) & 0xff; if (b[k] !== 0) break; }
+      }
+    }
+    return this.c1.ecbEncrypt(ctr);
+  }
+
+  private check(buf: Uint8Array, sector: number): number {
+    if (buf.length % this.sectorSize) throw new ImgError('io', `crypto: request of ${buf.length} bytes is not a multiple of the sector size`);
+    if (!Number.isSafeInteger(sector) || sector < 0) throw new ImgError('io', 'crypto: bad sector number');
+    return buf.length / this.sectorSize;
+  }
+
+  /** decrypts buf (whole sectors, the first one numbered `sector`) in place */
+  decrypt(buf: Uint8Array, sector: number): void {
+    const n = this.check(buf, sector);
+    if (n === 0) return;
+    switch (this.spec.mode) {
+      case 'xts': {
+        const tw = this.tweaks(sector, n);
+        xorInto(tw, buf); // tw = C ^ T
+        const p = this.c1.ecbDecrypt(tw);
+        // p ^= T: recompute T cheaply as (C ^ T) ^ C
+        xorInto(tw, buf); // tw = T again
+        xorInto(p, tw);
+        buf.set(p);
+        return;
+      }
+      case 'cbc': {
+        const p = this.c1.ecbDecrypt(buf);
+        const iv = this.ivs(sector, n);
+        const ss = this.sectorSize;
+        // previous ciphertext block for every block: IV at sector starts
+        const prev = Buffer.allocUnsafe(buf.length);
+        for (let i = 0; i < n; i++) {
+          prev.set(iv.subarray(i * 16, i * 16 + 16), i * ss);
+          prev.set(buf.subarray(i * ss, i * ss + ss - 16), i * ss + 16);
+        }
+        xorInto(p, prev);
+        buf.set(p);
+        return;
+      }
+      case 'ecb': buf.set(this.c1.ecbDecrypt(buf)); return;
+      case 'ctr': xorInto(buf, this.keystream(sector, n)); return;
+    }
+  }
+
+  /** encrypts buf (whole sectors) in place */
+  encrypt(buf: Uint8Array, sector: number): void {
+    const n = this.check(buf, sector);
+    if (n === 0) return;
+    switch (this.spec.mode) {
+      case 'xts': {
+        const tw = this.tweaks(sector, n);
+        xorInto(tw, buf);
+        const c = this.c1.ecbEncrypt(tw);
+        xorInto(tw, buf);
+        xorInto(c, tw);
+        buf.set(c);
+        return;
+      }
+      case 'cbc': {
+        const iv = this.ivs(sector, n);
+        const ss = this.sectorSize;
+        for (let i = 0; i < n; i++) {
+          const s = buf.subarray(i * ss, i * ss + ss);
+          s.set(this.c1.cbcEncrypt(s, iv.subarray(i * 16, i * 16 + 16)));
+        }
+        return;
+      }
+      case 'ecb': buf.set(this.c1.ecbEncrypt(buf)); return;
+      case 'ctr': xorInto(buf, this.keystream(sector, n)); return;
+    }
+  }
+}
