@@ -4,7 +4,6 @@ import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
 import { luksDriver } from './luks';
-import { luksDriver } from './luks';
 import { dmgDriver } from './dmg';
 
 const ascii = (head: Uint8Array, at: number, s: string): boolean =>
