@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { vmdkDriver } from './vmdk';
 import { vpcDriver } from './vpc';
 import { qedDriver } from './qed';
 import { luksDriver } from './luks';
@@ -35,7 +36,7 @@ export const drivers: FormatDriver[] = [
   pending('qcow', 4, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) === 1 ? 100 : 0)),
   qedDriver,
   pending('vdi', 4, (h) => (le32(h, 0x40) === 0xbeda107f ? 100 : 0)),
-  pending('vmdk', 4, (h) => (ascii(h, 0, 'KDMV') || ascii(h, 0, 'COWD') || ascii(h, 0, '# Disk DescriptorFile') ? 100 : 0)),
+  vmdkDriver,
   vpcDriver,
   pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
   pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
