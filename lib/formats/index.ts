@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { vdiDriver } from './vdi';
 import { vmdkDriver } from './vmdk';
 import { vpcDriver } from './vpc';
 import { qedDriver } from './qed';
@@ -35,7 +36,7 @@ export const drivers: FormatDriver[] = [
   qcow2Driver,
   pending('qcow', 4, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) === 1 ? 100 : 0)),
   qedDriver,
-  pending('vdi', 4, (h) => (le32(h, 0x40) === 0xbeda107f ? 100 : 0)),
+  vdiDriver,
   vmdkDriver,
   vpcDriver,
   pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
