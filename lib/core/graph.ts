@@ -10,6 +10,7 @@ import { SecretStore } from './secrets';
 import type { LockMode } from './lock';
 import { findDriver, probeFormat, PROBE_TAIL } from '../formats';
 import { FileNode } from '../protocols/file';
+import { openVvfat } from '../synth/vvfat';
 
 const debug = createDebug('imgmount:graph');
 
@@ -109,10 +110,10 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
   let driver = str(tree, 'driver');
   const filename = str(tree, 'filename');
   if (filename !== undefined && driver === undefined) {
-    if (filename.startsWith('fat:')) throw new ImgError('unsupported', `${filename}: virtual FAT disks are not supported yet (planned in issue 7)`);
+    if (filename.startsWith('fat:')) return openVvfat(tree, readOnly);
     if (NETWORK.test(filename)) throw new ImgError('unsupported', `${filename}: network sources are not supported yet`);
   }
-  if (driver === 'vvfat') throw new ImgError('unsupported', 'vvfat: virtual FAT disks are not supported yet (planned in issue 7)');
+  if (driver === 'vvfat') return openVvfat(tree, readOnly);
   if (driver !== undefined && PROTOCOLS.has(driver)) {
     return openProtocol(tree, ctx, readOnly, role, shareRw);
   }
