@@ -189,7 +189,8 @@ export const DEFAULT_CREATE: LuksCreateOptions = {
 /** Builds a LUKS1 header + key material area (payloadOffset bytes); the caller writes it at 0. */
 export async function createLuks1(o: LuksCreateOptions, pass: Buffer): Promise<{ area: Buffer; payloadOffset: number; volume: UnlockedVolume }> {
   const spec: SectorCipherSpec = {
-    alg: o.cipherAlg, mode: o.cipherMode, ivgen: o.cipherMode === 'ecb' ? null : o.ivgenAlg,
+    // qemu writes "ecb-plain64" too (and cannot parse a bare "ecb"); the IV is unused there
+    alg: o.cipherAlg, mode: o.cipherMode, ivgen: o.ivgenAlg,
     ivHash: o.ivgenAlg === 'essiv' ? o.ivgenHashAlg : undefined,
   };
   if (spec.ivgen === 'essiv' && !validKeyLen(spec.alg, hashLen(o.ivgenHashAlg))) {
