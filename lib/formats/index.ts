@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { qcowDriver } from './qcow';
 import { vdiDriver } from './vdi';
 import { vmdkDriver } from './vmdk';
 import { vpcDriver } from './vpc';
@@ -34,7 +35,7 @@ const QCOW_MAGIC = 0x514649fb;
 export const drivers: FormatDriver[] = [
   rawDriver,
   qcow2Driver,
-  pending('qcow', 4, (h) => (be32(h, 0) === QCOW_MAGIC && be32(h, 4) === 1 ? 100 : 0)),
+  qcowDriver,
   qedDriver,
   vdiDriver,
   vmdkDriver,
