@@ -10,6 +10,8 @@ import { createImage } from './create';
 import { Progress } from './progress';
 
 const CHUNK = 2 << 20;
+/** formats whose writers honour WriteFlags.compressed */
+export const COMPRESSING_FORMATS = ['qcow2', 'qcow', 'vmdk'];
 
 export interface ConvertOptions {
   src: string;
@@ -33,19 +35,36 @@ function isZero(b: Uint8Array): boolean {
   return true;
 }
 
+const GRANULE = 64 << 10;
+
+/** Copies the guest view in aligned windows; all-zero granules are skipped (sparse target). */
 export async function copyNode(src: BlockNode, dst: BlockNode, o: { compressed?: boolean; noSparse?: boolean; progress?: Progress }): Promise<void> {
   const buf = Buffer.allocUnsafe(CHUNK);
-  let off = 0;
-  while (off < src.size) {
-    const ext = await chainStatus(src, off, src.size - off);
-    const len = Math.min(ext.length, CHUNK, src.size - off);
-    if (ext.data || o.noSparse) {
-      const b = buf.subarray(0, len);
-      await readAt(src, b, off);
-      if (o.noSparse || !isZero(b)) await writeAt(dst, b, off, o.compressed ? { compressed: true } : undefined);
+  const flags = o.compressed ? { compressed: true } : undefined;
+  for (let win = 0; win < src.size; win += CHUNK) {
+    const len = Math.min(CHUNK, src.size - win);
+    let hasData = !!o.noSparse;
+    for (let p = win; p < win + len && !hasData;) {
+      const ext = await chainStatus(src, p, win + len - p);
+      hasData = ext.data;
+      p += Math.max(1, ext.length);
     }
-    off += len;
-    o.progress?.update(off, src.size);
+    if (hasData) {
+      const b = buf.subarray(0, len);
+      await readAt(src, b, win);
+      // write runs of non-zero granules, each run in one request
+      let runStart = -1;
+      for (let g = 0; g <= len; g += GRANULE) {
+        const sub = b.subarray(g, Math.min(len, g + GRANULE));
+        const keep = g < len && (o.noSparse || !isZero(sub));
+        if (keep && runStart < 0) runStart = g;
+        if (!keep && runStart >= 0) {
+          await writeAt(dst, b.subarray(runStart, g), win + runStart, flags);
+          runStart = -1;
+        }
+      }
+    }
+    o.progress?.update(win + len, src.size);
   }
   if (dst.flush) await dst.flush();
   o.progress?.done();
@@ -53,6 +72,9 @@ export async function copyNode(src: BlockNode, dst: BlockNode, o: { compressed?:
 
 export async function convertImage(o: ConvertOptions): Promise<void> {
   const secrets = o.secrets ?? new SecretStore();
+  if (o.compressed && !COMPRESSING_FORMATS.includes(o.outFormat)) {
+    throw new ImgError('usage', `convert: Compression not supported for the ${o.outFormat} format`);
+  }
   const src = await openImage(o.src, { ...o.srcOpen, readOnly: true, secrets });
   let created = false;
   let dst: BlockNode | null = null;

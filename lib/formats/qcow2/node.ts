@@ -507,8 +507,19 @@ export class Qcow2Node implements BlockNode {
     return true;
   }
 
-  async write(buf: Uint8Array, offset: number, _flags?: WriteFlags): Promise<void> {
+  async write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
     this.checkRw();
+    if (flags?.compressed && !this.dataFile && buf.length > this.cs) {
+      // cluster by cluster, so incompressible clusters do not stop the others
+      for (let d = 0; d < buf.length; d += this.cs) await this.write(buf.subarray(d, d + this.cs), offset + d, flags);
+      return;
+    }
+    if (flags?.compressed && !this.dataFile) {
+      const handled = await this.lock.run(() => this.writeCompressed(buf, offset));
+      if (handled === buf.length) return;
+      buf = buf.subarray(handled);
+      offset += handled;
+    }
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
@@ -536,6 +547,55 @@ export class Qcow2Node implements BlockNode {
       }
       done += await this.lock.run(() => this.writeAlloc(buf.subarray(done), pos));
     }
+  }
+
+  // Compressed clusters (convert -c), as qemu writes them: whole unallocated clusters only,
+  // packed at byte granularity into host clusters; every host cluster a compressed cluster
+  // touches gets one reference per user. Returns how many leading bytes were handled; the
+  // rest (partial or allocated clusters, incompressible data) takes the normal path.
+  private compFree = { off: 0, end: 0 };
+
+  private async writeCompressed(buf: Uint8Array, offset: number): Promise<number> {
+    const cs = this.cs;
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const n = Math.min(cs, buf.length - done);
+      const lastPartial = pos + n === this._size && n < cs;
+      if (pos % cs || (n < cs && !lastPartial)) break;
+      const gc = pos / cs;
+      const inf = await this.info(gc);
+      if (inf.kind !== 'unalloc' || inf.has) break;
+      const plain = Buffer.alloc(cs);
+      plain.set(buf.subarray(done, done + n));
+      const packed = this.hdr.compressionType === 1 ? zstdCompress(plain)
+        : zlib.deflateRawSync(plain, { windowBits: 12, level: zlib.constants.Z_DEFAULT_COMPRESSION, memLevel: 9 });
+      if (!packed || packed.length >= cs - 512) break; // not worth it: stored uncompressed
+      await this.markDirty();
+      let host: number;
+      if (this.compFree.end - this.compFree.off >= packed.length && Math.floor(this.compFree.off / cs) === Math.floor((this.compFree.off + packed.length - 1) / cs)) {
+        host = this.compFree.off;
+        await this.updateRefcount(host - (host % cs), cs, 1);
+      } else {
+        const clusters = Math.ceil(packed.length / cs);
+        host = await this.allocClusters(clusters);
+        this.compFree = { off: host, end: host + clusters * cs };
+      }
+      this.compFree.off = host + packed.length;
+      await this.file.write!(packed, host);
+      const x = 62 - (this.cb - 8);
+      const nbSectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
+      const entry = BigInt(host) | (BigInt(nbSectors) << BigInt(x)) | (1n << 62n);
+      const l1i = Math.floor(gc / this.l2Entries);
+      this.mapInvalidator?.(pos, cs);
+      const t = await this.l2ForWrite(l1i);
+      const idx = gc % this.l2Entries;
+      t.buf.writeBigUInt64BE(entry, idx * this.es);
+      if (this.extL2) { t.buf.writeUInt32BE(0, idx * this.es + 8); t.buf.writeUInt32BE(0, idx * this.es + 12); }
+      await this.writeL2Range(t, idx, idx + 1);
+      done += n;
+    }
+    return done;
   }
 
   /** waits for in-place data writes that may target clusters about to be freed or shared */
@@ -1096,7 +1156,20 @@ interface ZstdStream {
   end(b: Buffer): void;
   destroy(): void;
 }
-let zstdMod: { DecompressStream: new () => ZstdStream } | null | undefined;
+let zstdMod: { DecompressStream: new () => ZstdStream; compress?: (b: Buffer) => Buffer } | null | undefined;
+
+/** one zstd frame, or null when zstd is unavailable (the caller stores the cluster plainly) */
+function zstdCompress(b: Buffer): Buffer | null {
+  if (zstdMod === undefined) {
+    try {
+      // eslint-disable-next-line @typescript-eslint/no-var-requires
+      zstdMod = require('zstd-napi');
+    } catch {
+      zstdMod = null;
+    }
+  }
+  return zstdMod?.compress ? zstdMod.compress(b) : null;
+}
 
 /** zstd data in a qcow2 cluster is one frame followed by padding up to the sector end
  *  (qemu decompresses with a stream until the cluster is full); so do we. */

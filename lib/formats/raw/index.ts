@@ -52,7 +52,7 @@ class RawNode implements BlockNode {
   async flush(): Promise<void> { if (this.file.flush) await this.file.flush(); }
   async blockStatus(offset: number, length: number): Promise<Extent> {
     // sector 0 of a probed image must pass checkProbeSafe: never let the fast path write it
-    const guarded = this.probed && offset < Math.max(PROBE_SECTOR, this.align);
+    const guarded = this.probed && !this.readOnly && offset < Math.max(PROBE_SECTOR, this.align);
     if (guarded) length = Math.min(length, Math.max(PROBE_SECTOR, this.align) - offset);
     const ext = await this.file.blockStatus(offset + this.offset, length);
     return {
