@@ -101,11 +101,15 @@ export class VmdkNode implements BlockNode {
     }
     if (first.state === 'unallocated' && this.backing) this.checkCid();
     const ext: Extent = { offset, length: len, state: first.state };
+    if (e.flat && first.host !== undefined) {
+      // a flat extent reads as its file: holes there read as zeros (qemu's BDRV_BLOCK_RECURSE)
+      const f = await e.file.blockStatus(first.host, len);
+      ext.length = Math.max(1, Math.min(len, f.length));
+      if (f.state !== 'data') ext.state = 'zero';
+    }
     const fnode = e.file as FileNode;
     if (first.host !== undefined && typeof fnode.fd === 'number') {
-      const hostExt = e.flat ? await e.file.blockStatus(first.host, len) : null;
       ext.host = { fd: fnode.fd, offset: first.host, writable: !this.readOnly && !e.readOnly && !e.compressed, direct: !!fnode.direct };
-      if (hostExt && hostExt.length < len && hostExt.length > 0) ext.length = Math.max(1, hostExt.length);
     }
     return ext;
   }
