@@ -10,6 +10,8 @@ import { vpcDriver } from './vpc';
 import { qedDriver } from './qed';
 import { luksDriver } from './luks';
 import { dmgDriver } from './dmg';
+import { cloopDriver } from './cloop';
+import { bochsDriver } from './bochs';
 
 const ascii = (head: Uint8Array, at: number, s: string): boolean =>
   head.length >= at + s.length && Buffer.from(head.buffer, head.byteOffset + at, s.length).toString('latin1') === s;
@@ -43,8 +45,8 @@ export const drivers: FormatDriver[] = [
   pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
   pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
   luksDriver,
-  pending('bochs', 5, (h) => (ascii(h, 0, 'Bochs Virtual HD Image') ? 100 : 0)),
-  pending('cloop', 5, (h) => (ascii(h, 0, '#!/bin/sh\n#V2.0 Format\n') ? 2 : 0)),
+  bochsDriver,
+  cloopDriver,
   dmgDriver,
 ];
 

@@ -7,6 +7,9 @@ export interface ImageInfo { [key: string]: unknown }
 
 export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   const info: ImageInfo = {};
+  const extra = node.infoExtra ? await node.infoExtra() : {};
+  // qemu-img's key order: its QAPI struct prints the backing format first
+  if (extra['backing-filename-format'] !== undefined) info['backing-filename-format'] = extra['backing-filename-format'];
   const snaps = node.snapshots ? await node.snapshots() : [];
   if (snaps.length) {
     info.snapshots = snaps.map((s) => ({
@@ -22,7 +25,6 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   }
   info['virtual-size'] = node.size;
   info.filename = node.filename;
-  const extra = node.infoExtra ? await node.infoExtra() : {};
   if (extra['cluster-size'] !== undefined) info['cluster-size'] = extra['cluster-size'];
   info.format = node.driver;
   const file = node.file ?? node;
@@ -30,13 +32,14 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   if (extra.encrypted) info.encrypted = true;
   const fs = node.formatSpecific ? await node.formatSpecific() : null;
   if (fs) info['format-specific'] = fs;
-  for (const k of ['full-backing-filename', 'backing-filename', 'backing-filename-format']) {
+  for (const k of ['full-backing-filename', 'backing-filename']) {
     if (extra[k] !== undefined) info[k] = extra[k];
   }
   for (const [k, v] of Object.entries(extra)) {
     if (!(k in info) && k !== 'dirty-flag' && k !== 'encrypted') info[k] = v;
   }
-  info['dirty-flag'] = !!extra['dirty-flag'];
+  // qemu prints dirty-flag only for drivers with bdrv_get_info; others return 'dirty-flag': null
+  if (extra['dirty-flag'] !== null) info['dirty-flag'] = !!extra['dirty-flag'];
   return info;
 }
 

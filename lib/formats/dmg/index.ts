@@ -271,7 +271,8 @@ export class DmgNode implements BlockNode {
     return out;
   }
 
-  async infoExtra(): Promise<Record<string, unknown>> { return {}; }
+  // qemu has no bdrv_get_info for this format: no dirty-flag
+  async infoExtra(): Promise<Record<string, unknown>> { return { 'dirty-flag': null }; }
   async allocatedSize(): Promise<number> { return this.file.allocatedSize ? this.file.allocatedSize() : this.file.size; }
   async close(): Promise<void> {
     this.cache.clear();
