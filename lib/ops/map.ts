@@ -64,7 +64,8 @@ export function mapJson(entries: MapEntry[]): string {
 }
 
 export function mapHuman(entries: MapEntry[]): string {
-  const hex = (n: number): string => `0x${n.toString(16)}`;
+  // C's %#x prints a bare 0 for zero
+  const hex = (n: number): string => (n ? `0x${n.toString(16)}` : '0');
   const pad = (s: string): string => s.padEnd(16);
   const lines = [`${pad('Offset')}${pad('Length')}${pad('Mapped to')}File`];
   for (const e of entries) {

@@ -113,3 +113,37 @@ t.test('error classes and their exit codes', async (t) => {
   t.equal(s.code, 2);
   t.match(s.stderr, /does not support internal snapshots/);
 });
+
+t.test('qcow2 sample: info (with chain), map and check output equal qemu-img\'s', async (t) => {
+  const d = tmpdir(t);
+  for (const f of ['sample.qcow2', 'sample-base.qcow2']) fs.copyFileSync(path.join(__dirname, '..', '..', '..', 'images', f), path.join(d, f));
+  const img = path.join(d, 'sample.qcow2');
+  const pairs: Array<[string[], string[]]> = [
+    [['info', '--output', 'json', '--backing-chain', img], ['info', '--output', 'json', '--backing-chain', img]],
+    [['info', img], ['info', img]],
+    [['map', '--output', 'json', img], ['map', '--output', 'json', img]],
+    [['map', img], ['map', img]],
+    [['check', '--output', 'json', img], ['check', '--output', 'json', img]],
+    [['check', img], ['check', img]],
+  ];
+  for (const [ours, theirs] of pairs) {
+    const a = imgmount(ours);
+    const b = run('qemu-img', theirs);
+    t.equal(a.code, b.code, `${ours.join(' ')}: same exit code`);
+    t.equal(a.stdout, b.stdout, `${ours.slice(0, 3).join(' ')}: same output`);
+  }
+  // a leaked cluster: check exits 3 like qemu-img, and -r leaks repairs it
+  const leaky = path.join(d, 'leaky.qcow2');
+  run('qemu-img', ['create', '-f', 'qcow2', leaky, '1M']);
+  const buf = fs.readFileSync(leaky);
+  const refTable = Number(buf.readBigUInt64BE(48));
+  const refBlock = Number(buf.readBigUInt64BE(refTable));
+  buf.writeUInt16BE(1, refBlock + 2 * 10); // cluster 10 gets a reference nobody uses
+  fs.writeFileSync(leaky, Buffer.concat([buf, Buffer.alloc(11 * 65536 - buf.length)]));
+  const q = run('qemu-img', ['check', leaky]);
+  const ours = imgmount(['check', leaky]);
+  t.equal(q.code, 3, 'qemu-img sees a leak');
+  t.equal(ours.code, 3, 'so do we');
+  t.equal(imgmount(['check', '-r', 'leaks', leaky]).code, 0, 'repaired');
+  t.equal(run('qemu-img', ['check', leaky]).code, 0, 'qemu-img agrees it is clean');
+});
