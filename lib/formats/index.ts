@@ -7,6 +7,7 @@ import { qcowDriver } from './qcow';
 import { vdiDriver } from './vdi';
 import { vmdkDriver } from './vmdk';
 import { vpcDriver } from './vpc';
+import { vhdxDriver } from './vhdx';
 import { qedDriver } from './qed';
 import { luksDriver } from './luks';
 import { dmgDriver } from './dmg';
@@ -42,7 +43,7 @@ export const drivers: FormatDriver[] = [
   vdiDriver,
   vmdkDriver,
   vpcDriver,
-  pending('vhdx', 4, (h) => (ascii(h, 0, 'vhdxfile') ? 100 : 0)),
+  vhdxDriver,
   pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
   luksDriver,
   bochsDriver,
