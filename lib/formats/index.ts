@@ -3,6 +3,7 @@ import { ImgError } from '../core/errors';
 import type { FormatDriver } from '../core/node';
 import { rawDriver } from './raw';
 import { qcow2Driver } from './qcow2';
+import { parallelsDriver } from './parallels';
 import { qcowDriver } from './qcow';
 import { vdiDriver } from './vdi';
 import { vmdkDriver } from './vmdk';
@@ -44,7 +45,7 @@ export const drivers: FormatDriver[] = [
   vmdkDriver,
   vpcDriver,
   vhdxDriver,
-  pending('parallels', 4, (h) => (ascii(h, 0, 'WithoutFreeSpace') || ascii(h, 0, 'WithouFreSpacExt') ? 100 : 0)),
+  parallelsDriver,
   luksDriver,
   bochsDriver,
   cloopDriver,
