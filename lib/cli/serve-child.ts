@@ -1,6 +1,8 @@
 // Entry of the background mount server: configuration (secrets included) arrives on stdin,
 // never in argv; readiness or the error goes back on fd 3.
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
+import { loadNative, MNT_DETACH } from '../core/native';
 import { exitCodeOf, formatError } from '../core/errors';
 import { serve, ServeConfig } from '../fuse/serve';
 
@@ -14,8 +16,22 @@ function readStdin(): Promise<string> {
   });
 }
 
+/** Last resort after a crash: detach the mount so nothing hangs on a dead server. */
+function emergencyUnmount(mountpoint: string): void {
+  const nat = loadNative();
+  if (process.getuid?.() === 0 && nat) nat.umount(mountpoint, MNT_DETACH);
+  else spawnSync('fusermount3', ['-u', '-z', '--', mountpoint], { stdio: 'ignore' });
+}
+
 async function main(): Promise<void> {
   const cfg = JSON.parse(await readStdin()) as ServeConfig;
+  const crash = (e: unknown): void => {
+    try { fs.writeSync(2, `${formatError(e)}\n`); } catch { /* no stderr */ }
+    emergencyUnmount(cfg.mountpoint);
+    process.exit(70);
+  };
+  process.on('uncaughtException', crash);
+  process.on('unhandledRejection', crash);
   let reported = false;
   const report = (err: Error | null, notice?: string): void => {
     if (reported) return;
