@@ -3,6 +3,7 @@
 import { ImgError } from '../../core/errors';
 import type { CheckResult } from '../../core/node';
 import { INCOMPAT_CORRUPT } from './header';
+import { cryptoExtension } from './crypto';
 import { Qcow2Node } from './node';
 import { entryOffset, maxRef, OFLAG_COPIED, readEntry } from './util';
 import { writeSnapshotTableBuf } from './snapshot';
@@ -56,6 +57,8 @@ async function checkOnce(node: Qcow2Node, repair: 'none' | 'leaks' | 'all'): Pro
 
   // header, L1, refcount table, snapshot table
   inc(0, cs, 'header');
+  const crypt = cryptoExtension(node.hdr);
+  if (crypt) inc(crypt.offset, Math.ceil(crypt.length / cs) * cs, 'crypto header');
   inc(node.hdr.l1TableOffset, node.hdr.l1Size * 8, 'L1 table');
   await walkL1(node, w, node.hdr.l1TableOffset, node.hdr.l1Size, true, inc, msg);
   for (const sn of node.snapshotsList) {

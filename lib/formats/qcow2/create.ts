@@ -12,6 +12,8 @@ import {
 } from './header';
 import { Qcow2Node } from './node';
 import { setRef, writeEntry, OFLAG_COPIED } from './util';
+import { buildLuksArea, CRYPT_AES, CRYPT_LUKS, cryptoExtData, parseEncryptCreate } from './crypto';
+import { EXT_CRYPTO } from './header';
 
 export const CREATE_OPTIONS = ['size', 'compat', 'backing_file', 'backing_fmt', 'cluster_size', 'preallocation',
   'lazy_refcounts', 'refcount_bits', 'compression_type', 'extended_l2', 'data_file', 'data_file_raw', 'nocow',
@@ -38,8 +40,7 @@ export async function createQcow2(ctx: CreateContext): Promise<void> {
   const dataFile = r.str('data_file') ?? null;
   const dataFileRaw = r.bool('data_file_raw', false);
   r.bool('nocow', false);
-  if (r.has('encryption') && r.bool('encryption', false)) throw new ImgError('unsupported', 'qcow2: encryption is not supported');
-  if (r.has('encrypt')) { r.markUsed('encrypt'); throw new ImgError('unsupported', 'qcow2: encryption is not supported'); }
+  const enc = parseEncryptCreate(r.child('encrypt'), r.bool('encryption', false), ctx.secrets);
   r.finish();
 
   if (clusterSize < 512 || clusterSize > 2 * 1024 * 1024 || (clusterSize & (clusterSize - 1))) {
@@ -137,6 +138,20 @@ export async function createQcow2(ctx: CreateContext): Promise<void> {
       await createFile(dpath, size, prealloc === 'metadata' ? 'off' : prealloc);
       if (!dExisted) created.push(dpath);
       data = FileNode.open({ filename: dpath, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
+    }
+    if (enc) {
+      // the LUKS header goes into clusters of its own, named by the crypto header extension
+      const en = new Qcow2Node({ file, header: h, readOnly: false, backing: null, dataFile: data, filename: ctx.filename, l2CacheBytes: 1 << 20, refCacheBytes: 1 << 20 });
+      await en.init();
+      if (enc.format === 'luks') {
+        const area = await buildLuksArea(enc);
+        const off = await en.allocClusters(Math.ceil(area.length / clusterSize));
+        await file.write(area, off);
+        h.otherExtensions.push({ type: EXT_CRYPTO, data: cryptoExtData(off, area.length) });
+      }
+      h.cryptMethod = enc.format === 'luks' ? CRYPT_LUKS : CRYPT_AES;
+      enc.pass.fill(0);
+      await en.writeHeader();
     }
     if (prealloc !== 'off') {
       node = new Qcow2Node({ file, header: h, readOnly: false, backing: null, dataFile: data, filename: ctx.filename, l2CacheBytes: 1 << 20, refCacheBytes: 1 << 20 });

@@ -8,6 +8,7 @@ import {
 import { Qcow2Node } from './node';
 import { createQcow2, CREATE_OPTIONS } from './create';
 import { checkQcow2 } from './check';
+import { openQcow2Crypto } from './crypto';
 
 const MAX_CACHE = 32 * 1024 * 1024;
 
@@ -38,7 +39,7 @@ export async function openQcow2(file: BlockNode, ctx: OpenContext, forCheck = fa
     'detect-zeroes']) r.markUsed(k);
   r.finish();
   const h = await readHeader(file);
-  if (h.cryptMethod !== 0) throw new ImgError('unsupported', 'qcow2: encrypted images are not supported');
+  const crypto = forCheck ? null : await openQcow2Crypto(file, h, ctx.options, ctx.secrets);
   let readOnly = ctx.readOnly;
   if ((h.incompatible & INCOMPAT_CORRUPT) && !readOnly && !forCheck) {
     throw new ImgError('image', 'qcow2: Image is corrupt; cannot be opened read/write');
@@ -63,7 +64,7 @@ export async function openQcow2(file: BlockNode, ctx: OpenContext, forCheck = fa
     }
     const node = new Qcow2Node({
       file, header: h, readOnly, backing, dataFile, filename: file.filename,
-      l2CacheBytes: Math.min(l2Cache || MAX_CACHE, MAX_CACHE), refCacheBytes: Math.min(refCache || (4 << 20), MAX_CACHE),
+      l2CacheBytes: Math.min(l2Cache || MAX_CACHE, MAX_CACHE), refCacheBytes: Math.min(refCache || (4 << 20), MAX_CACHE), crypto,
     });
     await node.init();
     if ((h.incompatible & INCOMPAT_DIRTY) && !readOnly && !forCheck) {

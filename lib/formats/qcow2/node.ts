@@ -12,6 +12,7 @@ import {
   entryOffset, getRef, maxRef, Mutex, OFLAG_COMPRESSED, OFLAG_COPIED, readEntry, refByteRange, setRef, TableCache, writeEntry,
 } from './util';
 import { readSnapshotTable, Snapshot, writeSnapshotTableBuf } from './snapshot';
+import type { QcowCrypto } from './crypto';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 
@@ -40,6 +41,8 @@ export interface NodeParams {
   l2CacheBytes: number;
   refCacheBytes: number;
   snapshotL1?: { offset: number; size: number; diskSize: number } | null;
+  /** encrypted images: every data cluster passes through this (never a host mapping) */
+  crypto?: QcowCrypto | null;
 }
 
 const ALL32 = 0xffffffff;
@@ -76,15 +79,17 @@ export class Qcow2Node implements BlockNode {
   private _size: number;
   private readonly isSnapshotView: boolean;
   readonly filenameStr: string;
+  readonly crypto: QcowCrypto | null;
 
   constructor(p: NodeParams) {
+    this.crypto = p.crypto ?? null;
     this.file = p.file;
     this.hdr = p.header;
     this.readOnly = p.readOnly;
     this.backing = p.backing;
     this.dataFile = p.dataFile;
     this.filenameStr = p.filename;
-    this.align = p.file.align;
+    this.align = this.crypto ? Math.max(512, p.file.align) : p.file.align;
     this.cb = p.header.clusterBits;
     this.cs = 2 ** this.cb;
     this.extL2 = !!(p.header.incompatible & INCOMPAT_EXTL2);
@@ -232,7 +237,7 @@ export class Qcow2Node implements BlockNode {
       hostNext = s.host + n;
     }
     const ext: Extent = { offset, length: Math.max(1, pos - offset), state: first.state };
-    if (first.state === 'data' && !first.compressed) {
+    if (first.state === 'data' && !first.compressed && !this.crypto) {
       const dn = this.dataNode as unknown as { fd?: unknown; direct?: unknown };
       if (typeof dn.fd === 'number') {
         ext.host = { fd: dn.fd, offset: first.host, writable: first.writable, direct: !!dn.direct };
@@ -256,7 +261,10 @@ export class Qcow2Node implements BlockNode {
         const data = await this.readCompressed(Math.floor(pos / this.cs));
         const inC = pos % this.cs;
         sub.set(data.subarray(inC, inC + n));
-      } else await this.dataNode.read(sub, s.host);
+      } else {
+        await this.dataNode.read(sub, s.host);
+        this.crypto?.decrypt(sub, s.host, pos);
+      }
       done += n;
     }
   }
@@ -509,6 +517,7 @@ export class Qcow2Node implements BlockNode {
 
   async write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
     this.checkRw();
+    if (flags?.compressed && this.crypto) flags = { ...flags, compressed: false };
     if (flags?.compressed && !this.dataFile && buf.length > this.cs) {
       // cluster by cluster, so incompressible clusters do not stop the others
       for (let d = 0; d < buf.length; d += this.cs) await this.write(buf.subarray(d, d + this.cs), offset + d, flags);
@@ -539,7 +548,9 @@ export class Qcow2Node implements BlockNode {
         run += n;
       }
       if (run > 0) {
-        const pr = this.dataNode.write!(buf.subarray(done, done + run), host);
+        let data = buf.subarray(done, done + run);
+        if (this.crypto) { data = Buffer.from(data); this.crypto.encrypt(data, host, pos); }
+        const pr = this.dataNode.write!(data, host);
         this.fastWrites.add(pr);
         try { await pr; } finally { this.fastWrites.delete(pr); }
         done += run;
@@ -719,6 +730,7 @@ export class Qcow2Node implements BlockNode {
       if (tail > 0) await this.oldView(span.subarray(head + it.n), it.start + it.n);
       span.set(buf.subarray(it.dataOff, it.dataOff + it.n), head);
       const hs = it.host + (it.s % cs);
+      this.crypto?.encrypt(span, hs, it.s);
       if (hs !== gEnd) { await flushGroup(); gStart = hs; }
       group.push(span);
       gEnd = hs + span.length;
@@ -868,6 +880,7 @@ export class Qcow2Node implements BlockNode {
       if (this.hdr.backingFormat) r['backing-filename-format'] = this.hdr.backingFormat;
     }
     r['dirty-flag'] = !!(this.hdr.incompatible & INCOMPAT_DIRTY);
+    if (this.hdr.cryptMethod) r.encrypted = true;
     return r;
   }
 
@@ -886,6 +899,7 @@ export class Qcow2Node implements BlockNode {
     } else {
       data['refcount-bits'] = 1 << h.refcountOrder;
     }
+    if (this.crypto) data.encrypt = this.crypto.info;
     return { type: 'qcow2', data };
   }
 
@@ -1120,7 +1134,7 @@ export class Qcow2Node implements BlockNode {
     const v = new Qcow2Node({
       file: this.file, header: { ...this.hdr }, readOnly: true, backing: this.backing, dataFile: this.dataFile,
       filename: this.filenameStr, l2CacheBytes: 4 << 20, refCacheBytes: 1 << 20,
-      snapshotL1: { offset: sn.l1Offset, size: sn.l1Size, diskSize: sn.diskSize },
+      snapshotL1: { offset: sn.l1Offset, size: sn.l1Size, diskSize: sn.diskSize }, crypto: this.crypto,
     });
     await v.init({ offset: sn.l1Offset, size: sn.l1Size });
     return v;
