@@ -7,6 +7,7 @@ import type { BlockNode } from '../../core/node';
 import { OptionReader, OptionTree } from '../../core/options';
 import { buildLayout, FatType } from './layout';
 import { VvfatNode } from './node';
+import { initialBaseline } from './commit';
 
 const debug = createDebug('imgmount:vvfat');
 
@@ -89,5 +90,7 @@ export async function openVvfat(tree: OptionTree, readOnly: boolean): Promise<Bl
   const layout = buildLayout({ dir: abs, fatType, floppy, label });
   debug('laid out %s: %d files, %d dirs, %d clusters in %d ms', abs, layout.fileCount, layout.dirCount, layout.usedClusters, Date.now() - t0);
   // read-only is the default (qemu): only rw makes the node writable
-  return new VvfatNode(abs, layout, readOnly || !rw, label);
+  const node = new VvfatNode(abs, layout, readOnly || !rw, label);
+  node.baseline = initialBaseline(layout.root, layout.geo.fatType === 32);
+  return node;
 }

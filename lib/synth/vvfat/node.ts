@@ -6,6 +6,7 @@ import path from 'node:path';
 import { ImgError, ioError } from '../../core/errors';
 import type { BlockNode, Extent, WriteFlags } from '../../core/node';
 import { findRun, firstRunFrom, Geometry, HostFile, Layout, ScanDir } from './layout';
+import type { Baseline } from './commit';
 import { eocOf, makeBootSector, makeFsInfo, makeMbr, packFat } from './sectors';
 
 const SECTOR = 512;
@@ -49,6 +50,8 @@ export class VvfatNode implements BlockNode {
   /** after a commit: where guest files' clusters live on the host now */
   dataRuns: DataRun[] | null = null;
   readonly mutex = new Mutex();
+  /** what the host directory holds (set at open, updated by each commit) */
+  baseline!: Baseline;
   private fds = new Map<HostFile, CachedFd>();
   private closed = false;
 
