@@ -188,7 +188,7 @@ export class FuseExport {
           const buf = Buffer.allocUnsafe(len);
           if (len) await readAt(node, buf, r.offset);
           this.reply(r.id, 0, buf);
-          if (len) void this.learn(r.file, r.offset, len);
+          if (len) this.learn(r.file, r.offset, len).catch((e) => debug('learn: %s', (e as Error).message));
           return;
         }
         case 'write': {
@@ -200,7 +200,7 @@ export class FuseExport {
           this.reply(r.id, 0, len);
           s.dirtyBlocks = true;
           this.scheduleBlocks();
-          void this.learn(r.file, r.offset, len);
+          this.learn(r.file, r.offset, len).catch((e) => debug('learn: %s', (e as Error).message));
           return;
         }
         case 'fsync':

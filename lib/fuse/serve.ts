@@ -155,7 +155,7 @@ export async function serve(cfg: ServeConfig, ready: (err: Error | null, notice?
         await kernelUnmount(cfg.mountpoint, true);
         await exp.stop();
       }
-    });
+    }).catch((e) => debug('signal unmount: %s', (e as Error).message));
   };
   process.on('SIGINT', onSignal);
   process.on('SIGTERM', onSignal);
