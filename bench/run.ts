@@ -1,0 +1,631 @@
+// `npm run bench [-- options]`: imgmount against qemu-storage-daemon's FUSE export.
+//
+// For every scenario both sides get their own copy of the same image. For each round,
+// each fio job runs on imgmount and on qemu-storage-daemon (the side that goes first
+// alternates per round); every run is: drop the page cache, mount, fio, unmount. The
+// ratio per job is median(imgmount) / median(qemu-storage-daemon). The result is written
+// to BENCHMARKS.md.
+//
+// Hygiene: the bench process never touches a mount itself (fio, cp, qemu-img ... are
+// child processes); every mount and every qemu-storage-daemon is stopped in a finally
+// block, and SIGINT/SIGTERM abort the current run and go through those finally blocks.
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
+const ROOT = path.resolve(__dirname, '..', '..');
+const IMGMOUNT = path.join(ROOT, 'bin', 'imgmount');
+const GiB = 1024 * 1024 * 1024;
+const TARGET = 1.1;
+
+// ---------------------------------------------------------------- options
+
+interface Options {
+  rounds: number;
+  runtime: number;
+  scenarios: string[] | null; // null = all
+  jobs: string[] | null; // null = all
+  dir: string;
+  out: string | null; // null = do not write
+  threads: number | null;
+  dropCaches: boolean;
+}
+
+const USAGE = `usage: npm run bench -- [--rounds N] [--runtime SEC] [--scenario NAME[,NAME...]]
+        [--job NAME[,NAME...]] [--dir DIR] [--out FILE | --no-write] [--threads N] [--no-drop-caches]
+  --rounds N        rounds per job (default 3)
+  --runtime SEC     fio runtime per run, after a 1 s ramp (default 8)
+  --scenario LIST   scenarios to run (default: all; known: %SCENARIOS%)
+  --job LIST        fio jobs to run (default: all; known: %JOBS%)
+  --dir DIR         where the temporary directory goes (default: ${os.tmpdir()})
+  --out FILE        where the report goes (default: BENCHMARKS.md in the package root)
+  --no-write        print the report instead of writing it
+  --threads N       pass the hidden --threads N to imgmount mount (for investigations)
+  --no-drop-caches  do not drop the page cache between runs`;
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = {
+    rounds: 3, runtime: 8, scenarios: null, jobs: null, dir: os.tmpdir(),
+    out: path.join(ROOT, 'BENCHMARKS.md'), threads: null, dropCaches: true,
+  };
+  const list = (v: string): string[] => v.split(',').map((s) => s.trim()).filter(Boolean);
+  for (let i = 0; i < argv.length; i++) {
+    let a = argv[i];
+    let val: string | undefined;
+    const eq = a.indexOf('=');
+    if (a.startsWith('--') && eq > 0) { val = a.slice(eq + 1); a = a.slice(0, eq); }
+    const next = (): string => {
+      if (val !== undefined) return val;
+      const v = argv[++i];
+      if (v === undefined) usage(`${a} needs a value`);
+      return v;
+    };
+    const posInt = (v: string): number => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n <= 0) usage(`${a}: not a positive integer: ${v}`);
+      return n;
+    };
+    switch (a) {
+      case '--rounds': o.rounds = posInt(next()); break;
+      case '--runtime': o.runtime = posInt(next()); break;
+      case '--scenario': case '--scenarios': o.scenarios = list(next()); break;
+      case '--job': case '--jobs': o.jobs = list(next()); break;
+      case '--dir': o.dir = path.resolve(next()); break;
+      case '--out': o.out = path.resolve(next()); break;
+      case '--no-write': o.out = null; break;
+      case '--threads': o.threads = posInt(next()); break;
+      case '--no-drop-caches': o.dropCaches = false; break;
+      case '-h': case '--help': process.stdout.write(usageText() + '\n'); process.exit(0); break;
+      default: usage(`unknown argument: ${a}`);
+    }
+  }
+  for (const s of o.scenarios ?? []) if (!SCENARIOS.some((x) => x.name === s)) usage(`unknown scenario: ${s}`);
+  for (const j of o.jobs ?? []) if (!JOBS.some((x) => x.name === j)) usage(`unknown job: ${j}`);
+  return o;
+}
+
+function usageText(): string {
+  return USAGE.replace('%SCENARIOS%', SCENARIOS.map((s) => s.name).join(', '))
+    .replace('%JOBS%', JOBS.map((j) => j.name).join(', '));
+}
+
+function usage(msg: string): never {
+  process.stderr.write(`bench: ${msg}\n${usageText()}\n`);
+  process.exit(1);
+}
+
+function log(msg: string): void {
+  process.stderr.write(`[bench ${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
+}
+
+// ---------------------------------------------------------------- child processes
+
+class Aborted extends Error {}
+let aborted: string | null = null;
+const liveChildren = new Set<ChildProcess>();
+
+function checkAbort(): void {
+  if (aborted) throw new Aborted(`interrupted by ${aborted}`);
+}
+
+interface RunResult { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }
+
+/** runs a command to completion (asynchronously, so that signals are handled meanwhile) */
+function run(cmd: string, args: string[], timeoutSec = 600): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    liveChildren.add(child);
+    let stdout = '';
+    let stderr = '';
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => { stdout += d; });
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
+    const timer = setTimeout(() => {
+      stderr += `\n(bench: killed after ${timeoutSec} s)`;
+      child.kill('SIGKILL');
+    }, timeoutSec * 1000);
+    child.on('error', (e) => { clearTimeout(timer); liveChildren.delete(child); reject(e); });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      liveChildren.delete(child);
+      resolve({ code, signal, stdout, stderr });
+    });
+  });
+}
+
+function describe(cmd: string, args: string[], r: RunResult): string {
+  const why = r.signal ? `signal ${r.signal}` : `exit ${r.code}`;
+  const msg = (r.stderr.trim() || r.stdout.trim()).split('\n').slice(-5).join(' | ');
+  return `${cmd} ${args.join(' ')}: ${why}${msg ? `: ${msg}` : ''}`;
+}
+
+async function runOk(cmd: string, args: string[], timeoutSec = 600): Promise<RunResult> {
+  const r = await run(cmd, args, timeoutSec);
+  if (r.code !== 0) throw new Error(describe(cmd, args, r));
+  return r;
+}
+
+function firstLine(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 20000 });
+  return r.status === 0 ? r.stdout.split('\n')[0].trim() : `unknown (${cmd}: ${r.error?.message ?? `exit ${r.status}`})`;
+}
+
+function fuseMountsUnder(prefix: string): string[] {
+  const out: string[] = [];
+  for (const line of fs.readFileSync('/proc/mounts', 'utf8').split('\n')) {
+    const f = line.split(' ');
+    if (f.length < 3) continue;
+    const mp = f[1].replace(/\\040/g, ' ').replace(/\\011/g, '\t').replace(/\\134/g, '\\');
+    if ((mp === prefix || mp.startsWith(prefix + '/')) && f[2].startsWith('fuse')) out.push(mp);
+  }
+  return out;
+}
+
+function isMounted(mp: string): boolean {
+  return fuseMountsUnder(mp).includes(mp);
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+let dropCachesWarned = false;
+async function dropCaches(o: Options): Promise<void> {
+  if (!o.dropCaches) return;
+  const r = await run('sh', ['-c', 'sync && echo 3 > /proc/sys/vm/drop_caches'], 120);
+  if (r.code !== 0 && !dropCachesWarned) {
+    dropCachesWarned = true;
+    log(`warning: cannot drop the page cache (${describe('sh', ['-c', '...'], r)}); runs are not cold`);
+    dropCacheFailure = describe('drop_caches', [], r);
+  }
+}
+let dropCacheFailure: string | null = null;
+const loadAtStart = os.loadavg()[0];
+
+// ---------------------------------------------------------------- the two sides
+
+/** a mounted export: `file` is what fio opens; stop() is idempotent and never throws */
+interface Mounted { file: string; stop(): Promise<void>; stopSync(): void }
+
+/** resources that must go away even if the process is being torn down */
+const liveMounts = new Set<Mounted>();
+
+interface Side {
+  key: 'imgmount' | 'qsd';
+  label: string;
+  mount(image: string, format: string, where: string, o: Options): Promise<Mounted>;
+}
+
+const imgmountSide: Side = {
+  key: 'imgmount',
+  label: 'imgmount',
+  async mount(image, format, where, o) {
+    const mnt = path.join(where, 'mnt-imgmount');
+    const args = [IMGMOUNT, 'mount', '-f', format, ...(o.threads ? ['--threads', String(o.threads)] : []), image, mnt];
+    let stopped = false;
+    const m: Mounted = {
+      file: path.join(mnt, 'disk.raw'),
+      async stop() {
+        if (stopped) return;
+        stopped = true;
+        liveMounts.delete(m);
+        let r = await run(process.execPath, [IMGMOUNT, 'unmount', mnt], 300);
+        if (r.code !== 0 && isMounted(mnt)) {
+          log(`warning: ${describe('imgmount', ['unmount', mnt], r)}; retrying with --force`);
+          r = await run(process.execPath, [IMGMOUNT, 'unmount', '--force', mnt], 120);
+        }
+        if (isMounted(mnt)) {
+          log(`warning: ${mnt} still mounted; lazy umount`);
+          await run('umount', ['-l', mnt], 60);
+        }
+        try { fs.rmdirSync(mnt); } catch { /* removed by unmount, or never made */ }
+      },
+      stopSync() {
+        if (stopped) return;
+        stopped = true;
+        liveMounts.delete(m);
+        spawnSync(process.execPath, [IMGMOUNT, 'unmount', '--force', mnt], { stdio: 'ignore', timeout: 60000 });
+        if (isMounted(mnt)) spawnSync('umount', ['-l', mnt], { stdio: 'ignore', timeout: 30000 });
+      },
+    };
+    liveMounts.add(m);
+    try {
+      await runOk(process.execPath, args, 120);
+    } catch (e) {
+      await m.stop();
+      throw e;
+    }
+    return m;
+  },
+};
+
+const qsdSide: Side = {
+  key: 'qsd',
+  label: 'qemu-storage-daemon',
+  async mount(image, format, where) {
+    const mnt = path.join(where, 'mnt-qsd');
+    fs.writeFileSync(mnt, ''); // the FUSE export's mountpoint is a regular file
+    const args = [
+      '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off`,
+      '--blockdev', `driver=${format},node-name=fmt0,file=file0`,
+      '--export', `type=fuse,id=exp0,node-name=fmt0,mountpoint=${mnt},writable=on`,
+    ];
+    const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
+    let exited = false;
+    const exit = new Promise<void>((resolve) => {
+      child.on('close', () => { exited = true; resolve(); });
+      child.on('error', (e) => { stderr += String(e); exited = true; resolve(); });
+    });
+    let stopped = false;
+    const m: Mounted = {
+      file: mnt,
+      async stop() {
+        if (stopped) return;
+        stopped = true;
+        liveMounts.delete(m);
+        if (!exited) {
+          child.kill('SIGTERM');
+          const t = setTimeout(() => { log('warning: qemu-storage-daemon ignores SIGTERM; SIGKILL'); child.kill('SIGKILL'); }, 60000);
+          await exit;
+          clearTimeout(t);
+        }
+        if (isMounted(mnt)) {
+          log(`warning: ${mnt} still mounted after qemu-storage-daemon exited; lazy umount`);
+          await run('umount', ['-l', mnt], 60);
+        }
+        try { fs.unlinkSync(mnt); } catch { /* gone */ }
+      },
+      stopSync() {
+        if (stopped) return;
+        stopped = true;
+        liveMounts.delete(m);
+        if (!exited) child.kill('SIGTERM');
+        for (let i = 0; i < 100 && isMounted(mnt); i++) spawnSync('sleep', ['0.1']);
+        if (isMounted(mnt)) { child.kill('SIGKILL'); spawnSync('umount', ['-l', mnt], { stdio: 'ignore', timeout: 30000 }); }
+      },
+    };
+    liveMounts.add(m);
+    try {
+      const deadline = Date.now() + 30000;
+      while (!isMounted(mnt)) {
+        if (exited) throw new Error(`qemu-storage-daemon exited before mounting: ${stderr.trim()}`);
+        if (Date.now() > deadline) throw new Error(`qemu-storage-daemon did not mount ${mnt} within 30 s: ${stderr.trim()}`);
+        checkAbort();
+        await sleep(50);
+      }
+    } catch (e) {
+      await m.stop();
+      throw e;
+    }
+    return m;
+  },
+};
+
+const SIDES: Side[] = [imgmountSide, qsdSide];
+
+// ---------------------------------------------------------------- fio jobs
+
+interface Job { name: string; title: string; rw: string; bs: string; iodepth: number; write: boolean }
+
+const JOBS: Job[] = [
+  { name: 'seqread', title: 'seqread 1M QD4', rw: 'read', bs: '1M', iodepth: 4, write: false },
+  { name: 'randread', title: 'randread 4k QD16', rw: 'randread', bs: '4k', iodepth: 16, write: false },
+  { name: 'randwrite', title: 'randwrite 4k QD16', rw: 'randwrite', bs: '4k', iodepth: 16, write: true },
+  { name: 'seqwrite', title: 'seqwrite 1M QD4', rw: 'write', bs: '1M', iodepth: 4, write: true },
+];
+
+interface Sample { mibs: number; iops: number }
+
+async function fio(job: Job, file: string, size: number, o: Options, once: boolean): Promise<Sample> {
+  const args = [
+    `--name=${job.name}`, `--filename=${file}`, '--ioengine=libaio', '--direct=1',
+    `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`, `--size=${size}`,
+    '--numjobs=1', '--group_reporting', '--output-format=json',
+    ...(once ? [] : ['--time_based', `--runtime=${o.runtime}`, '--ramp_time=1']),
+  ];
+  const r = await run('fio', args, o.runtime + 300);
+  checkAbort();
+  if (r.code !== 0) throw new Error(describe('fio', args, r));
+  const start = r.stdout.indexOf('{');
+  if (start < 0) throw new Error(`fio printed no JSON: ${r.stdout.slice(0, 300)} ${r.stderr.slice(0, 300)}`);
+  const data = JSON.parse(r.stdout.slice(start)) as { jobs: Array<Record<string, { bw: number; iops: number }> & { error?: number }> };
+  const j = data.jobs[0];
+  if (j.error) throw new Error(`fio job ${job.name} on ${file} failed with error ${j.error}`);
+  const d = j[job.write ? 'write' : 'read'];
+  return { mibs: d.bw / 1024, iops: d.iops };
+}
+
+// ---------------------------------------------------------------- scenarios
+
+interface Scenario {
+  name: string;
+  /** the driver name for both sides (imgmount -f and qemu-storage-daemon's blockdev) */
+  format: string;
+  description: string;
+  /** makes the master image in dir (shared scratch directory) and returns its path */
+  prepare(dir: string): Promise<string>;
+  /** subset of JOBS (default: all) */
+  jobs?: string[];
+  /** every run gets a fresh copy of the master (e.g. allocating writes must find nothing allocated) */
+  freshPerRun?: boolean;
+  /** fio writes the whole file exactly once instead of running time-based */
+  once?: boolean;
+  /** returns why the scenario cannot run with this imgmount, or null */
+  skipReason?(image: string): Promise<string | null>;
+}
+
+const randomRawCache = new Map<string, Promise<string>>();
+/** a 1 GiB raw file full of random data, made once per scratch directory */
+function randomRaw(dir: string): Promise<string> {
+  let p = randomRawCache.get(dir);
+  if (!p) {
+    p = (async () => {
+      const f = path.join(dir, 'random-1G.raw');
+      log('making a 1 GiB raw image of random data');
+      await runOk('sh', ['-c', `head -c 1G /dev/urandom > "${f}"`], 600);
+      return f;
+    })();
+    randomRawCache.set(dir, p);
+  }
+  return p;
+}
+
+async function imgmountInfoSkip(image: string, format: string): Promise<string | null> {
+  const args = [IMGMOUNT, 'info', '-f', format, image];
+  const r = await run(process.execPath, args, 120);
+  if (r.code === 0) return null;
+  const line = (r.stderr.trim() || r.stdout.trim()).split('\n').pop() ?? '';
+  return `\`imgmount info -f ${format}\` fails on the image (exit ${r.code}${line ? `: ${line}` : ''})`;
+}
+
+const SCENARIOS: Scenario[] = [
+  {
+    name: 'raw',
+    format: 'raw',
+    description: '1 GiB raw file filled with random data',
+    prepare: (dir) => randomRaw(dir),
+  },
+  {
+    name: 'qcow2',
+    format: 'qcow2',
+    description: '1 GiB fully allocated qcow2 (`qemu-img convert -O qcow2` of the random raw file)',
+    async prepare(dir) {
+      const f = path.join(dir, 'full.qcow2');
+      await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', await randomRaw(dir), f], 600);
+      return f;
+    },
+    skipReason: (image) => imgmountInfoSkip(image, 'qcow2'),
+  },
+  {
+    name: 'qcow2-alloc',
+    format: 'qcow2',
+    description: 'allocating writes: fio writes the whole of an empty 1 GiB qcow2 once (fresh image per run)',
+    async prepare(dir) {
+      const f = path.join(dir, 'empty.qcow2');
+      await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, '1G'], 60);
+      return f;
+    },
+    jobs: ['seqwrite'],
+    freshPerRun: true,
+    once: true,
+    skipReason: (image) => imgmountInfoSkip(image, 'qcow2'),
+  },
+];
+
+// ---------------------------------------------------------------- the benchmark
+
+interface JobResult { job: Job; samples: Record<Side['key'], Sample[]> }
+interface ScenarioResult { scenario: Scenario; skipped: string | null; results: JobResult[]; size: number }
+
+async function copyImage(src: string, dst: string): Promise<void> {
+  try { fs.unlinkSync(dst); } catch { /* none */ }
+  await runOk('cp', ['--reflink=auto', '--sparse=always', src, dst], 600);
+}
+
+async function virtualSize(image: string, format: string): Promise<number> {
+  const r = await runOk('qemu-img', ['info', '-U', '-f', format, '--output=json', image], 60);
+  return (JSON.parse(r.stdout) as { 'virtual-size': number })['virtual-size'];
+}
+
+async function runScenario(sc: Scenario, base: string, o: Options): Promise<ScenarioResult> {
+  const dir = path.join(base, sc.name);
+  fs.mkdirSync(dir);
+  log(`scenario ${sc.name}: ${sc.description}`);
+  const master = await sc.prepare(base);
+  const size = await virtualSize(master, sc.format);
+  const jobs = JOBS.filter((j) => (!sc.jobs || sc.jobs.includes(j.name)) && (!o.jobs || o.jobs.includes(j.name)));
+  const res: ScenarioResult = { scenario: sc, skipped: null, results: [], size };
+  if (sc.skipReason) {
+    res.skipped = await sc.skipReason(master);
+    if (res.skipped) { log(`scenario ${sc.name} skipped: ${res.skipped}`); return res; }
+  }
+  if (jobs.length === 0) { res.skipped = 'no job selected'; return res; }
+  const images: Record<Side['key'], string> = {
+    imgmount: path.join(dir, `imgmount.${sc.format}`),
+    qsd: path.join(dir, `qsd.${sc.format}`),
+  };
+  if (!sc.freshPerRun) for (const s of SIDES) await copyImage(master, images[s.key]);
+  for (const job of jobs) res.results.push({ job, samples: { imgmount: [], qsd: [] } });
+  for (let round = 0; round < o.rounds; round++) {
+    const order = round % 2 === 0 ? SIDES : [...SIDES].reverse();
+    for (const jr of res.results) {
+      for (const side of order) {
+        checkAbort();
+        if (sc.freshPerRun) await copyImage(master, images[side.key]);
+        await dropCaches(o);
+        checkAbort();
+        const m = await side.mount(images[side.key], sc.format, dir, o);
+        let s: Sample;
+        try {
+          s = await fio(jr.job, m.file, size, o, !!sc.once);
+        } finally {
+          await m.stop();
+        }
+        jr.samples[side.key].push(s);
+        log(`${sc.name} round ${round + 1}/${o.rounds} ${jr.job.name} ${side.label}: ${s.mibs.toFixed(1)} MiB/s, ${Math.round(s.iops)} IOPS`);
+      }
+    }
+  }
+  for (const s of SIDES) { try { fs.unlinkSync(images[s.key]); } catch { /* none */ } }
+  return res;
+}
+
+// ---------------------------------------------------------------- report
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const n = s.length;
+  return n === 0 ? NaN : n % 2 ? s[(n - 1) / 2] : (s[n / 2 - 1] + s[n / 2]) / 2;
+}
+
+function machine(o: Options): string[] {
+  const cpuinfo = fs.readFileSync('/proc/cpuinfo', 'utf8');
+  const model = /^model name\s*:\s*(.*)$/m.exec(cpuinfo)?.[1]
+    ?? /^(?:Hardware|CPU part|uarch)\s*:\s*(.*)$/m.exec(cpuinfo)?.[1] ?? 'unknown';
+  const memKiB = Number(/^MemTotal:\s*(\d+)/m.exec(fs.readFileSync('/proc/meminfo', 'utf8'))?.[1] ?? 0);
+  const df = spawnSync('df', ['--output=source,fstype', o.dir], { encoding: 'utf8' }).stdout?.split('\n')[1]?.trim() ?? '?';
+  const commit = spawnSync('git', ['-C', ROOT, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' });
+  const dirty = spawnSync('git', ['-C', ROOT, 'status', '--porcelain', '--', 'lib', 'native', 'bin'], { encoding: 'utf8' });
+  return [
+    `- CPUs (nproc): ${os.availableParallelism()}`,
+    `- CPU model: ${model}`,
+    `- memory: ${(memKiB / 1024 / 1024).toFixed(1)} GiB`,
+    `- kernel: ${os.type()} ${os.release()} ${os.arch()}`,
+    `- node: ${process.version}`,
+    `- qemu-storage-daemon: ${firstLine('qemu-storage-daemon', ['--version'])}`,
+    `- fio: ${firstLine('fio', ['--version'])}`,
+    `- imgmount: ${commit.status === 0 ? commit.stdout.trim() : 'unknown commit'}${dirty.stdout?.trim() ? ' (with uncommitted changes in lib/native/bin)' : ''}`,
+    `- scratch directory: ${o.dir} (${df.replace(/\s+/, ', ')})`,
+    `- load average at start: ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}`,
+    `- date: ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')}`,
+  ];
+}
+
+function report(o: Options, all: ScenarioResult[], machineLines: string[], command: string, elapsed: number): string {
+  const L: string[] = [];
+  L.push('# Benchmarks', '');
+  L.push('<!-- generated by `npm run bench` (bench/run.ts); do not edit by hand -->', '');
+  L.push(`imgmount against qemu-storage-daemon's FUSE export (\`--blockdev driver=file,...,cache.direct=off\`, `
+    + `\`--export type=fuse,...,writable=on\`) on copies of the same image. fio `
+    + `with \`ioengine=libaio, direct=1\`, ${o.runtime} s time-based after a 1 s ramp, size = the whole disk. `
+    + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
+    + `${o.rounds} round(s); in each round every job runs on both sides, and which side goes first alternates per round. `
+    + `Figures are medians over the rounds; ratio = median(imgmount) / median(qemu-storage-daemon) `
+    + `(the same for MiB/s and IOPS, as the block size is fixed). Goal: ratio >= ${TARGET} on every job.`, '');
+  if (o.threads) L.push(`imgmount was mounted with \`--threads ${o.threads}\`.`, '');
+  if (dropCacheFailure) L.push(`**Warning:** the page cache could not be dropped (${dropCacheFailure}); runs were not cold.`, '');
+  L.push('Command:', '', '```', command, '```', '');
+  L.push('## Machine', '', ...machineLines, `- load average at end: ${os.loadavg().map((x) => x.toFixed(2)).join(' ')}`,
+    `- bench wall time: ${Math.round(elapsed)} s`, '');
+  if (Math.max(loadAtStart, os.loadavg()[0]) > os.availableParallelism() / 2) {
+    L.push(`Note: the machine was not idle (load average above nproc/2 at the start or end); other processes competed for the CPUs, `
+      + 'so the figures are noisier than on an idle machine. The interleaving spreads that noise over both sides.', '');
+  }
+  for (const r of all) {
+    L.push(`## Scenario \`${r.scenario.name}\` (${r.scenario.format})`, '', r.scenario.description + '.', '');
+    if (r.skipped) { L.push(`**Skipped:** ${r.skipped}.`, ''); continue; }
+    L.push('| job | imgmount | qemu-storage-daemon | ratio | goal >= 1.1 |', '|---|---:|---:|---:|:---:|');
+    for (const jr of r.results) {
+      const mi = median(jr.samples.imgmount.map((s) => s.mibs));
+      const mq = median(jr.samples.qsd.map((s) => s.mibs));
+      const ii = median(jr.samples.imgmount.map((s) => s.iops));
+      const iq = median(jr.samples.qsd.map((s) => s.iops));
+      const ratio = mi / mq;
+      const title = r.scenario.once ? jr.job.title.replace(/ QD/, ` (whole disk once) QD`) : jr.job.title;
+      L.push(`| ${title} | ${mi.toFixed(1)} MiB/s (${Math.round(ii)} IOPS) | ${mq.toFixed(1)} MiB/s (${Math.round(iq)} IOPS) `
+        + `| ${ratio.toFixed(2)}x | ${ratio >= TARGET ? 'pass' : '**FAIL**'} |`);
+    }
+    L.push('', 'Per-round MiB/s (imgmount / qemu-storage-daemon):', '');
+    for (const jr of r.results) {
+      const rounds = jr.samples.imgmount.map((s, i) => `${s.mibs.toFixed(1)} / ${jr.samples.qsd[i]?.mibs.toFixed(1) ?? '-'}`);
+      L.push(`- ${jr.job.name}: ${rounds.join(', ')}`);
+    }
+    L.push('');
+  }
+  const notRun = SCENARIOS.filter((s) => !all.some((r) => r.scenario === s));
+  if (notRun.length) {
+    L.push('## Not run', '', ...notRun.map((s) => `- \`${s.name}\`: not selected by \`--scenario\` in this invocation (${s.description}).`), '');
+  }
+  return L.join('\n');
+}
+
+// ---------------------------------------------------------------- main
+
+function emergencyCleanup(): void {
+  for (const c of liveChildren) { try { c.kill('SIGKILL'); } catch { /* gone */ } }
+  for (const m of [...liveMounts]) { try { m.stopSync(); } catch { /* best effort */ } }
+}
+
+async function main(): Promise<number> {
+  const o = parseArgs(process.argv.slice(2));
+  const command = `npm run bench${process.argv.length > 2 ? ' -- ' + process.argv.slice(2).join(' ') : ''}`;
+  for (const [cmd, pkg] of [['fio', 'fio'], ['qemu-storage-daemon', 'qemu-system-common'], ['qemu-img', 'qemu-utils']]) {
+    if (spawnSync(cmd, ['--version'], { stdio: 'ignore' }).error) {
+      process.stderr.write(`bench: ${cmd} not found (apt-get install -y ${pkg})\n`);
+      return 1;
+    }
+  }
+  if (!fs.existsSync('/dev/fuse')) { process.stderr.write('bench: /dev/fuse missing\n'); return 1; }
+
+  let signals = 0;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    signals++;
+    if (signals === 1) {
+      log(`${sig}: stopping the current run and cleaning up (again to force)`);
+      aborted = sig;
+      for (const c of liveChildren) { try { c.kill('SIGTERM'); } catch { /* gone */ } }
+    } else {
+      log(`${sig} again: forced cleanup`);
+      emergencyCleanup();
+      process.exit(130);
+    }
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  process.on('exit', () => { if (liveMounts.size) emergencyCleanup(); });
+
+  fs.mkdirSync(o.dir, { recursive: true });
+  const base = fs.mkdtempSync(path.join(o.dir, 'imgmount-bench-'));
+  const machineLines = machine(o);
+  const t0 = Date.now();
+  const all: ScenarioResult[] = [];
+  let failed: unknown = null;
+  log(`scratch directory ${base}; ${o.rounds} round(s) of ${o.runtime} s`);
+  try {
+    for (const sc of SCENARIOS) {
+      if (o.scenarios && !o.scenarios.includes(sc.name)) continue;
+      checkAbort();
+      all.push(await runScenario(sc, base, o));
+    }
+  } catch (e) {
+    failed = e;
+  } finally {
+    for (const m of [...liveMounts]) await m.stop();
+    const left = fuseMountsUnder(base);
+    if (left.length) {
+      log(`error: still mounted: ${left.join(', ')}; leaving ${base} in place`);
+      failed ??= new Error('mounts left behind');
+    } else {
+      fs.rmSync(base, { recursive: true, force: true });
+    }
+  }
+  if (failed) {
+    log(failed instanceof Aborted ? failed.message : `failed: ${failed instanceof Error ? failed.stack ?? failed.message : String(failed)}`);
+    return failed instanceof Aborted ? 130 : 1;
+  }
+  const text = report(o, all, machineLines, command, (Date.now() - t0) / 1000);
+  if (o.out) {
+    fs.writeFileSync(o.out, text);
+    log(`wrote ${o.out}`);
+  } else {
+    process.stdout.write(text);
+  }
+  process.stderr.write('\n' + text.split('\n').filter((l) => l.startsWith('|') || l.startsWith('## ') || l.startsWith('**')).join('\n') + '\n');
+  return 0;
+}
+
+main().then((code) => { process.exitCode = code; }, (e: unknown) => {
+  emergencyCleanup();
+  process.stderr.write(`bench: ${e instanceof Error ? e.stack : String(e)}\n`);
+  process.exitCode = 1;
+});
