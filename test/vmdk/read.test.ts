@@ -101,7 +101,7 @@ else {
     fs.writeFileSync(path.join(dir, 'b.bin'), b);
     fs.mkdirSync(path.join(dir, 'sub'));
     fs.copyFileSync(path.join(dir, 'b.bin'), path.join(dir, 'sub', 'c.bin'));
-    const desc = '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+    const desc = '# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n# Extent description\n'
       + 'RW 2048 FLAT "a.bin" 8\nRW 1024 ZERO\nRDONLY 2048 VMFS "b.bin"\nRW 2048 FLAT "sub/c.bin" 0\n';
     const img = path.join(dir, 'd.vmdk');
     fs.writeFileSync(img, desc);
