@@ -7,7 +7,7 @@ export function adcDecompress(src: Uint8Array, outLen: number): Buffer {
   const out = Buffer.alloc(outLen);
   let ip = 0;
   let op = 0;
-  while (ip < src.length && op < outLen) {
+  while (ip < src.length) {
     const b = src[ip++];
     if (b & 0x80) {
       const n = (b & 0x7f) + 1;
