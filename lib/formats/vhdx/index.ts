@@ -161,7 +161,9 @@ async function parseLayout(file: BlockNode, src: Reader, header: Header, slot: 0
     if (state === 4 || state > 7) throw bad(`invalid BAT entry state ${state} for block ${b}`);
     if (state !== PAYLOAD_FULLY_PRESENT && state !== PAYLOAD_PARTIALLY_PRESENT) continue;
     const off = ((lo >>> 20) + hi * 4096) * MiB;
-    if (off < MiB || off + blockSize > src.size) throw bad(`BAT entry for block ${b} points outside the file (offset ${off})`);
+    // the last block may end past EOF beyond the disk's end (qemu's fixed images)
+    const used = Math.min(blockSize, size - b * blockSize);
+    if (off < MiB || off + used > src.size) throw bad(`BAT entry for block ${b} points outside the file (offset ${off})`);
     for (const [s, l] of spans) if (off < s + l && s < off + blockSize) throw bad(`payload block ${b} overlaps metadata`);
   }
   void file;
@@ -455,7 +457,7 @@ export async function createVhdx(ctx: CreateContext): Promise<void> {
     });
     await f.write(mt, metaOffset);
     // BAT
-    await f.truncate(sub === 'fixed' ? dataOffset + dataBlocks * blockSize : dataOffset);
+    await f.truncate(sub === 'fixed' ? dataOffset + size : dataOffset);
     const bat = Buffer.alloc(batEntries * 8);
     if (sub === 'fixed' || zeroBlocks) {
       for (let b = 0; b < dataBlocks; b++) {
