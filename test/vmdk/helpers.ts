@@ -29,7 +29,7 @@ export const qemuIo = (img: string, fmt: string, cmds: string[]): string =>
 /** the guest bytes as qemu sees them */
 export function qemuRaw(img: string, dir: string, fmt = 'vmdk'): Buffer {
   const out = path.join(dir, `qemu-${path.basename(img)}-${Date.now()}.raw`);
-  sh('qemu-img', ['convert', '-f', fmt, '-O', 'raw', img, out]);
+  sh('qemu-img', ['convert', '-U', '-f', fmt, '-O', 'raw', img, out]);
   const b = fs.readFileSync(out);
   fs.unlinkSync(out);
   return b;

@@ -146,3 +146,35 @@ else {
     t.equal(so.readUInt32LE(so.length - 1536 + 12), 3, 'footer marker');
   });
 }
+
+if (hasQemu) {
+  t.test('streamOptimized: a flushed image is complete before close; FUSE host locations', async (t) => {
+    const dir = tmpdir(t);
+    const img = path.join(dir, 's.vmdk');
+    await createImage({ format: 'vmdk', filename: img, size: '2M', options: { subformat: 'streamOptimized' } });
+    await withImage(img, { readOnly: false }, async (n) => {
+      await writeAt(n, Buffer.alloc(100000, 0x21), 1000);
+      await n.flush!();
+      const raw = qemuRaw(img, dir);
+      t.equal(raw[1000], 0x21, 'qemu reads the flushed grains');
+      t.equal(raw[101000], 0, 'end of the write');
+      await writeAt(n, Buffer.alloc(5000, 0x22), 200000);
+      t.equal((await n.blockStatus(1000, 10)).host, undefined, 'compressed grains have no host location');
+    });
+    qemuCheckClean(t, img);
+    const raw = qemuRaw(img, dir);
+    t.equal(raw[200000], 0x22, 'later write present after close');
+    const sp = path.join(dir, 'p.vmdk');
+    await createImage({ format: 'vmdk', filename: sp, size: '2M' });
+    await withImage(sp, { readOnly: false }, async (n) => {
+      await writeAt(n, Buffer.alloc(70000, 1), 0);
+      const e = await n.blockStatus(0, 2 << 20);
+      t.ok(e.host && e.host.writable, 'allocated grains are writable in place');
+      t.equal(e.length, 128 << 10, 'two contiguous grains merged');
+    });
+    await withImage(sp, {}, async (n) => {
+      const e = await n.blockStatus(0, 2 << 20);
+      t.ok(e.host && !e.host.writable, 'read-only node: not writable');
+    });
+  });
+}

@@ -93,13 +93,21 @@ async function openDescriptor(file: BlockNode, ctx: OpenContext, text: Buffer, o
   if (desc.extents.length > MAX_EXTENTS) throw new ImgError('image', `${what}: too many extents`);
   if (desc.cid === null || desc.parentCid === null) throw new ImgError('image', `${what}: invalid VMDK image descriptor (no CID)`);
   const extents: VmdkExtent[] = [];
+  // one child per extent file: a descriptor naming the same file many times opens it once
+  const children = new Map<string, BlockNode>();
   try {
     for (let i = 0; i < desc.extents.length; i++) {
       const l = desc.extents[i];
       if (l.type === 'ZERO') { extents.push(new ZeroExtent(file, l.sectors * SECTOR, 'ZERO', true)); continue; }
       checkExtentPath(l.filename, allowExternal, what);
       const ro = readOnly || l.access !== 'RW';
-      const child = await ctx.openChild(`extents.${i}`, l.filename, 'file', ro);
+      const key = `${ro ? 'r' : 'w'}:${path.normalize(l.filename)}`;
+      let child = children.get(key);
+      const fresh = !child;
+      if (!child) {
+        child = await ctx.openChild(`extents.${i}`, l.filename, 'file', ro);
+        children.set(key, child);
+      }
       try {
         if (l.type === 'FLAT' || l.type === 'VMFS') {
           extents.push(new FlatExtent(child, l.sectors * SECTOR, l.type, ro, l.flatOffset * SECTOR));
@@ -115,12 +123,12 @@ async function openDescriptor(file: BlockNode, ctx: OpenContext, text: Buffer, o
           extents.push(e);
         }
       } catch (e) {
-        await child.close().catch(() => undefined);
+        if (fresh) { children.delete(key); await child.close().catch(() => undefined); }
         throw e;
       }
     }
   } catch (e) {
-    for (const x of extents) if (x.file !== file) await x.file.close().catch(() => undefined);
+    for (const c of children.values()) if (c !== file) await c.close().catch(() => undefined);
     throw e;
   }
   return { extents, desc, loc: { file, offset: off, room: off ? text.length : 0, text: desc.text }, createType: desc.createType };

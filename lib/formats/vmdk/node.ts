@@ -197,6 +197,11 @@ export class VmdkNode implements BlockNode {
   }
 
   async flush(): Promise<void> {
+    // streamOptimized: write grain tables, directory and footer so a flushed image is complete
+    // (the next grain overwrites them again; close writes them once more)
+    if (!this.readOnly && this.extents.some((e) => e.compressed)) {
+      await this.lock.lock(async () => { for (const e of this.extents) await e.finish(); });
+    }
     const seen = new Set<BlockNode>();
     for (const e of this.extents) {
       if (seen.has(e.file)) continue;
@@ -256,7 +261,6 @@ export class VmdkNode implements BlockNode {
     let err: unknown = null;
     if (!this.readOnly) {
       try {
-        for (const e of this.extents) await e.finish();
         await this.flush();
       } catch (e) { err = e; }
     }
