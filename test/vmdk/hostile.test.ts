@@ -219,3 +219,33 @@ t.test('seSparse reads as qemu decodes it', async (t) => {
   fs.writeFileSync(se, b);
   t.equal(await kindOf(ourRaw(d)), 'image', 'bad magic');
 });
+
+t.test('VMFSSPARSE (COWD) extent reads as in qemu', async (t) => {
+  const dir = tmpdir(t);
+  const b = Buffer.alloc(66 * 512);
+  b.write('COWD', 0, 'latin1');
+  b.writeUInt32LE(1, 4); b.writeUInt32LE(3, 8);
+  b.writeUInt32LE(8192, 12); // disk sectors
+  b.writeUInt32LE(16, 16); // granularity
+  b.writeUInt32LE(1, 20); b.writeUInt32LE(1, 24); // GD at sector 1, one entry
+  b.writeUInt32LE(2, 512); // GT at sector 2
+  b.writeUInt32LE(34, 1024); // grain 0 -> sector 34
+  b.writeUInt32LE(50, 1024 + 100 * 4); // grain 100 -> sector 50
+  b.fill(0x71, 34 * 512, 50 * 512);
+  b.fill(0x72, 50 * 512, 66 * 512);
+  fs.writeFileSync(path.join(dir, 'c-delta.vmdk'), b);
+  const d = path.join(dir, 'c.vmdk');
+  fs.writeFileSync(d, desc('RW 8192 VMFSSPARSE "c-delta.vmdk"', 'vmfsSparse'));
+  const expect = Buffer.alloc(4 << 20);
+  expect.fill(0x71, 0, 8192);
+  expect.fill(0x72, 100 * 8192, 101 * 8192);
+  t.equal(Buffer.compare(await ourRaw(d), expect), 0, 'our read');
+  if (hasQemu) {
+    const out = path.join(dir, 'q.raw');
+    sh('qemu-img', ['convert', '-f', 'vmdk', '-O', 'raw', d, out]);
+    t.equal(Buffer.compare(fs.readFileSync(out), expect), 0, 'qemu reads the same');
+  }
+  b.writeUInt32LE(0, 16);
+  fs.writeFileSync(path.join(dir, 'c-delta.vmdk'), b);
+  t.equal(await kindOf(ourRaw(d)), 'image', 'granularity 0 refused');
+});
