@@ -351,8 +351,13 @@ export class VvfatNode implements BlockNode {
     const c = 2 + Math.floor((offset - dataStartByte) / this.cs);
     const clusterEnd = this.clusterOffset(c + 1);
     const L = this.layout;
-    const used = (this.dataRuns && this.findDataRun(c)) || findRun(L.runStart, L.runLen, c) >= 0;
-    if (used) return { offset, length: Math.min(length, clusterEnd - offset), state: 'data' };
+    const dr = this.dataRuns ? this.findDataRun(c) : null;
+    if (dr) return { offset, length: Math.min(length, this.clusterOffset(dr.start + dr.len) - offset), state: 'data' };
+    const ri = findRun(L.runStart, L.runLen, c);
+    if (ri >= 0) {
+      const runEnd = this.dataRuns ? c + 1 : L.runStart[ri] + L.runLen[ri];
+      return { offset, length: Math.min(length, this.clusterOffset(runEnd) - offset), state: 'data' };
+    }
     const j = firstRunFrom(L.runStart, L.runLen, c);
     const stopC = this.dataRuns ? c + 1 : j < L.runStart.length ? L.runStart[j] : g.clusters + 2;
     let n = Math.min(length, this.clusterOffset(stopC) - offset);
