@@ -139,6 +139,53 @@ export class Qcow2Node implements BlockNode {
     return new ImgError('image', `qcow2: image is corrupt: ${msg}`);
   }
 
+  // Metadata overlap check (qemu's overlap-check=cached): a data write that would land on
+  // the header, L1, refcount table, refcount blocks, active L2 tables or the snapshot table
+  // marks the image corrupt and fails; reads go on. The cluster set is rebuilt after any
+  // metadata change (every allocation or free goes through updateRefcount).
+  private metaClusters: Set<number> | null = null;
+
+  private metaSet(): Set<number> {
+    if (this.metaClusters) return this.metaClusters;
+    const cs = this.cs;
+    const set = new Set<number>([0]);
+    const addRange = (off: number, len: number): void => {
+      for (let c = Math.floor(off / cs); c * cs < off + len; c++) set.add(c);
+    };
+    addRange(this.hdr.l1TableOffset, Math.max(1, this.hdr.l1Size * 8));
+    addRange(this.hdr.refcountTableOffset, this.hdr.refcountTableClusters * cs);
+    if (this.hdr.nbSnapshots && this.hdr.snapshotsOffset) addRange(this.hdr.snapshotsOffset, Math.max(1, writeSnapshotTableBuf(this.snapshotsList).length));
+    for (let bi = 0; bi < this.refTableEntries; bi++) {
+      const [hi, lo] = readEntry(this.refTable, bi * 8);
+      const off = entryOffset(hi, lo);
+      if (off) set.add(Math.floor(off / cs));
+    }
+    for (let i = 0; i * 8 < this.l1.length; i++) {
+      const [hi, lo] = readEntry(this.l1, i * 8);
+      const off = entryOffset(hi, lo);
+      if (off) set.add(Math.floor(off / cs));
+    }
+    this.metaClusters = set;
+    return set;
+  }
+
+  overlapsMetadata(host: number, len: number): boolean {
+    if (this.dataFile || len <= 0) return false;
+    const set = this.metaSet();
+    for (let c = Math.floor(host / this.cs); c * this.cs < host + len; c++) if (set.has(c)) return true;
+    return false;
+  }
+
+  private async checkOverlap(host: number, len: number, guest: number): Promise<void> {
+    if (!this.overlapsMetadata(host, len)) return;
+    this.hdr.incompatible |= INCOMPAT_CORRUPT;
+    try {
+      await this.writeFeatureBits();
+      await this.file.flush?.();
+    } catch { /* the write below fails anyway */ }
+    throw new ImgError('io', `qcow2: data write at guest offset ${guest} would overwrite metadata at host offset 0x${host.toString(16)}; image marked corrupt`);
+  }
+
   async loadL2(off: number): Promise<Buffer> {
     return this.l2Cache.load(off, this.cs, (b, o) => this.file.read(b, o));
   }
@@ -198,7 +245,7 @@ export class Qcow2Node implements BlockNode {
         return { state: 'zero', host: 0, compressed: false, writable: false, len: toClusterEnd };
       default:
         if (this.extL2) return this.subStatus(inf, pos, inCluster, rw);
-        return { state: 'data', host: inf.host + inCluster, compressed: false, writable: rw && inf.copied, len: toClusterEnd };
+        return { state: 'data', host: inf.host + inCluster, compressed: false, writable: rw && inf.copied && !this.overlapsMetadata(inf.host, this.cs), len: toClusterEnd };
     }
   }
 
@@ -218,7 +265,7 @@ export class Qcow2Node implements BlockNode {
     const len = n * this.scSize - inCluster;
     const host = state === 'data' ? inf.host + inCluster : 0;
     if (state === 'data' && !inf.has) throw this.corrupt('subcluster allocated without a host cluster');
-    return { state: state as 'data' | 'zero' | 'unallocated', host, compressed: false, writable: rw && inf.copied && state === 'data', len };
+    return { state: state as 'data' | 'zero' | 'unallocated', host, compressed: false, writable: rw && inf.copied && state === 'data' && !this.overlapsMetadata(inf.host, this.cs), len };
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
@@ -356,6 +403,7 @@ export class Qcow2Node implements BlockNode {
   }
 
   private async writeRefTableEntry(bi: number, off: number): Promise<void> {
+    this.metaClusters = null;
     writeEntry(this.refTable, bi * 8, off, 0);
     await this.file.write!(this.refTable.subarray(bi * 8, bi * 8 + 8), this.hdr.refcountTableOffset + bi * 8);
   }
@@ -380,6 +428,7 @@ export class Qcow2Node implements BlockNode {
 
   /** adds `addend` to the refcount of every cluster in [offset, offset+length) */
   async updateRefcount(offset: number, length: number, addend: number): Promise<void> {
+    this.metaClusters = null;
     if (length <= 0) return;
     const per = 2 ** this.rbShift;
     const first = Math.floor(offset / this.cs);
@@ -414,6 +463,7 @@ export class Qcow2Node implements BlockNode {
 
   /** a bigger refcount table with blocks for itself, placed after the end of the file */
   private async growRefTable(neededBi: number): Promise<void> {
+    this.metaClusters = null;
     const per = 2 ** this.rbShift;
     const cs = this.cs;
     const oldEntries = this.refTableEntries;
@@ -548,6 +598,7 @@ export class Qcow2Node implements BlockNode {
         run += n;
       }
       if (run > 0) {
+        await this.checkOverlap(host, run, pos);
         let data = buf.subarray(done, done + run);
         if (this.crypto) { data = Buffer.from(data); this.crypto.encrypt(data, host, pos); }
         const pr = this.dataNode.write!(data, host);
@@ -593,6 +644,7 @@ export class Qcow2Node implements BlockNode {
         this.compFree = { off: host, end: host + clusters * cs };
       }
       this.compFree.off = host + packed.length;
+      await this.checkOverlap(host, packed.length, pos);
       await this.file.write!(packed, host);
       const x = 62 - (this.cb - 8);
       const nbSectors = Math.floor((host + packed.length - 1) / 512) - Math.floor(host / 512);
@@ -632,6 +684,7 @@ export class Qcow2Node implements BlockNode {
   }
 
   async setL1(l1i: number, off: number, copied: boolean): Promise<void> {
+    this.metaClusters = null;
     writeEntry(this.l1, l1i * 8, off, copied ? OFLAG_COPIED : 0);
     await this.file.write!(this.l1.subarray(l1i * 8, l1i * 8 + 8), this.hdr.l1TableOffset + l1i * 8);
   }
@@ -719,7 +772,9 @@ export class Qcow2Node implements BlockNode {
     let gStart = -1, gEnd = -1;
     const flushGroup = async (): Promise<void> => {
       if (!group.length) return;
-      await this.dataNode.write!(group.length === 1 ? group[0] : Buffer.concat(group), gStart);
+      const data = group.length === 1 ? group[0] : Buffer.concat(group);
+      await this.checkOverlap(gStart, data.length, pos);
+      await this.dataNode.write!(data, gStart);
       group = [];
     };
     for (const it of items) {
