@@ -10,7 +10,7 @@ import {
   MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MAX_METADATA_ENTRIES, MAX_REGION_ENTRIES, MAX_SECTORS_PER_BLOCK, METADATA_GUID,
   METADATA_TABLE_SIZE, MiB, newGuid, PAGE83_GUID, PARENT_LOCATOR_GUID, parseHeader, PAYLOAD_FULLY_PRESENT,
   PAYLOAD_NOT_PRESENT, PAYLOAD_PARTIALLY_PRESENT, PAYLOAD_UNDEFINED, PAYLOAD_UNMAPPED, PAYLOAD_UNMAPPED_V095,
-  PAYLOAD_ZERO, PSS_GUID, REGION1, REGION_SIZE, serializeHeader, VDISK_SIZE_GUID,
+  PAYLOAD_ZERO, PSS_GUID, REGION1, REGION_SIZE, SB_BLOCK_PRESENT, serializeHeader, VDISK_SIZE_GUID, VHDX_PARENT_LOCATOR_TYPE,
 } from './format';
 import { buildEntry, Overlay, replayToFile, searchLog } from './log';
 
@@ -40,6 +40,8 @@ export interface VhdxLayout {
   blockSize: number;
   leaveAllocated: boolean;
   hasParent: boolean;
+  /** parent locator key/value pairs of a differencing image */
+  parent: Map<string, string> | null;
   size: number;
   lss: number;
   pss: number;
@@ -53,6 +55,24 @@ export interface VhdxLayout {
 }
 
 const bad = (m: string): ImgError => new ImgError('image', `vhdx: ${m}`);
+
+/** the parent locator item: type GUID, key/value count, then UTF-16LE keys and values */
+export function parseParentLocator(v: Buffer): Map<string, string> {
+  if (!v.subarray(0, 16).equals(VHDX_PARENT_LOCATOR_TYPE)) throw new ImgError('unsupported', `vhdx: unknown parent locator type ${guidText(v)}`);
+  const n = v.readUInt16LE(18);
+  if (20 + n * 12 > v.length) throw bad('parent locator entries out of bounds');
+  const m = new Map<string, string>();
+  for (let i = 0; i < n; i++) {
+    const e = 20 + i * 12;
+    const ko = v.readUInt32LE(e); const vo = v.readUInt32LE(e + 4); const kl = v.readUInt16LE(e + 8); const vl = v.readUInt16LE(e + 10);
+    if (ko + kl > v.length || vo + vl > v.length || kl % 2 || vl % 2) throw bad('parent locator string out of bounds');
+    m.set(v.toString('utf16le', ko, ko + kl), v.toString('utf16le', vo, vo + vl));
+  }
+  if (!m.has('parent_linkage')) throw bad('parent locator without parent_linkage');
+  return m;
+}
+
+const braced = (g: Buffer): string => `{${guidText(g)}}`.toLowerCase();
 
 async function readHeaders(file: BlockNode): Promise<{ header: Header; slot: 0 | 1 }> {
   if (file.size < 1 * MiB) throw bad('file too small to be a VHDX image');
@@ -144,10 +164,11 @@ async function parseLayout(file: BlockNode, src: Reader, header: Header, slot: 0
   if (size64 > BigInt(MAX_IMAGE_SIZE) || size64 === 0n) throw bad(`invalid virtual disk size ${size64}`);
   const size = Number(size64);
   if (size % lss !== 0) throw bad('virtual disk size is not a multiple of the logical sector size');
-  if (hasParent) throw new ImgError('unsupported', 'vhdx: differencing images (with a parent) are not supported');
+  const parent = hasParent ? parseParentLocator(item(PARENT_LOCATOR_GUID, 20)) : null;
   const chunkRatio = (MAX_SECTORS_PER_BLOCK * lss) / blockSize;
   const dataBlocks = Math.ceil(size / blockSize);
-  const batEntries = dataBlocks + Math.floor((dataBlocks - 1) / chunkRatio);
+  // a differencing image has a sector-bitmap entry after every chunk, the last one included
+  const batEntries = hasParent ? Math.ceil(dataBlocks / chunkRatio) * (chunkRatio + 1) : dataBlocks + Math.floor((dataBlocks - 1) / chunkRatio);
   if (batEntries * 8 > bat[1]) throw bad(`BAT region too small (${bat[1]} bytes for ${batEntries} entries)`);
   const batBytes = Math.ceil((batEntries * 8) / LOG_SECTOR) * LOG_SECTOR;
   if (batBytes > MAX_BAT_BYTES) throw new ImgError('unsupported', `vhdx: BAT too large (${batBytes} bytes)`);
@@ -166,16 +187,25 @@ async function parseLayout(file: BlockNode, src: Reader, header: Header, slot: 0
     if (off < MiB || off + used > src.size) throw bad(`BAT entry for block ${b} points outside the file (offset ${off})`);
     for (const [s, l] of spans) if (off < s + l && s < off + blockSize) throw bad(`payload block ${b} overlaps metadata`);
   }
+  if (hasParent) {
+    for (let c = 0; c < Math.ceil(dataBlocks / chunkRatio); c++) {
+      const i = c * (chunkRatio + 1) + chunkRatio;
+      const lo = batBuf.readUInt32LE(i * 8); const hi = batBuf.readUInt32LE(i * 8 + 4);
+      if ((lo & 7) !== SB_BLOCK_PRESENT) continue;
+      const off = ((lo >>> 20) + hi * 4096) * MiB;
+      if (off < MiB || off + MiB > src.size) throw bad(`sector bitmap block ${c} points outside the file (offset ${off})`);
+    }
+  }
   void file;
   return {
     header, slot, batOffset: bat[0], batLength: bat[1], metaOffset: meta[0], metaLength: meta[1], blockSize, leaveAllocated,
-    hasParent, size, lss, pss, page83, chunkRatio, dataBlocks, batEntries, bat: batBuf,
+    hasParent, parent, size, lss, pss, page83, chunkRatio, dataBlocks, batEntries, bat: batBuf,
   };
 }
 
 export class VhdxNode implements BlockNode {
   readonly driver = 'vhdx';
-  readonly backing = null;
+  backing: BlockNode | null = null;
   readonly align = 1;
   mapInvalidator: ((o: number, l: number) => void) | null = null;
   private mutex = new Mutex();
@@ -208,12 +238,16 @@ export class VhdxNode implements BlockNode {
     const bs = this.L.blockSize;
     const first = Math.floor(offset / bs);
     const e0 = this.entry(first);
-    const kind = (s: number): 'data' | 'zero' => {
+    if (e0.state === PAYLOAD_PARTIALLY_PRESENT) return this.partialStatus(offset, length, e0.off);
+    const kind = (s: number): 'data' | 'zero' | 'unallocated' | 'partial' => {
       if (s === PAYLOAD_FULLY_PRESENT) return 'data';
+      if (s === PAYLOAD_NOT_PRESENT && this.L.hasParent) return 'unallocated';
       if (s === PAYLOAD_NOT_PRESENT || s === PAYLOAD_UNDEFINED || s === PAYLOAD_ZERO || s === PAYLOAD_UNMAPPED || s === PAYLOAD_UNMAPPED_V095) return 'zero';
-      throw bad(`block ${Math.floor(offset / bs)} is partially present, which needs a parent image`);
+      if (s === PAYLOAD_PARTIALLY_PRESENT && this.L.hasParent) return 'partial';
+      throw bad(`block ${Math.floor(offset / bs)} is partially present in an image without a parent`);
     };
     const k0 = kind(e0.state);
+    if (k0 === 'partial') throw bad('internal: partial block');
     let len = Math.min(length, bs - (offset % bs));
     // merge following blocks of the same kind (and host-contiguous for data)
     while (len < length) {
@@ -223,9 +257,37 @@ export class VhdxNode implements BlockNode {
       if (k0 === 'data' && e.off !== e0.off + (b - first) * bs) break;
       len += Math.min(length - len, bs);
     }
-    if (k0 === 'zero') return { offset, length: len, state: 'zero' };
+    if (k0 !== 'data') return { offset, length: len, state: k0 };
     const host = e0.off + (offset % bs);
-    return { offset, length: len, state: 'data', host: this.hostOf(host, len, !this.readOnly) };
+    // in-place writes by the FUSE fast path are safe once this session's DataWriteGuid is on disk
+    return { offset, length: len, state: 'data', host: this.hostOf(host, len, !this.readOnly && this.dataWriteGuidDone) };
+  }
+
+  /** a partially present block: the sector bitmap says which sectors are here (1) or in the parent (0) */
+  private async partialStatus(offset: number, length: number, blockOff: number): Promise<Extent> {
+    const L = this.L;
+    const bs = L.blockSize;
+    const block = Math.floor(offset / bs);
+    const chunk = Math.floor(block / L.chunkRatio);
+    const sbi = chunk * (L.chunkRatio + 1) + L.chunkRatio;
+    const lo = L.bat.readUInt32LE(sbi * 8);
+    if ((lo & 7) !== SB_BLOCK_PRESENT) throw bad(`block ${block} is partially present but its sector bitmap is missing`);
+    const sbOff = ((lo >>> 20) + L.bat.readUInt32LE(sbi * 8 + 4) * 4096) * MiB;
+    const end = Math.min(offset + length, (block + 1) * bs);
+    const first = Math.floor(offset / L.lss);
+    const last = Math.ceil(end / L.lss); // exclusive
+    const bitBase = (block % L.chunkRatio) * (bs / L.lss) - block * (bs / L.lss);
+    const b0 = first + bitBase; const b1 = last + bitBase;
+    const bits = Buffer.alloc(Math.ceil(b1 / 8) - Math.floor(b0 / 8));
+    await this.src.read(bits, sbOff + Math.floor(b0 / 8));
+    const bit = (s: number): number => (bits[Math.floor((s + bitBase) / 8) - Math.floor(b0 / 8)] >> ((s + bitBase) % 8)) & 1;
+    const v = bit(first);
+    let s = first + 1;
+    while (s < last && bit(s) === v) s++;
+    const len = Math.min(end, s * L.lss) - offset;
+    if (!v) return { offset, length: len, state: 'unallocated' };
+    const host = blockOff + (offset % bs);
+    return { offset, length: len, state: 'data', host: this.hostOf(host, len, false) };
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
@@ -236,7 +298,8 @@ export class VhdxNode implements BlockNode {
       const n = Math.min(buf.length - done, bs - (o % bs));
       const e = this.entry(Math.floor(o / bs));
       const sub = buf.subarray(done, done + n);
-      if (e.state === PAYLOAD_FULLY_PRESENT) await this.src.read(sub, e.off + (o % bs));
+      // read() is only asked for ranges blockStatus called data (partial blocks: present sectors)
+      if (e.state === PAYLOAD_FULLY_PRESENT || (e.state === PAYLOAD_PARTIALLY_PRESENT && this.L.hasParent)) await this.src.read(sub, e.off + (o % bs));
       else if (e.state === PAYLOAD_PARTIALLY_PRESENT) throw bad('partially present block without a parent image');
       else sub.fill(0);
       done += n;
@@ -245,6 +308,7 @@ export class VhdxNode implements BlockNode {
 
   async write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
     if (this.readOnly) throw new ImgError('readonly', 'vhdx: image is read-only');
+    if (this.L.hasParent) throw new ImgError('unsupported', 'vhdx: writing to differencing images is not supported');
     if (!this.dataWriteGuidDone) {
       await this.mutex.lock(async () => {
         if (this.dataWriteGuidDone) return;
@@ -321,7 +385,34 @@ export class VhdxNode implements BlockNode {
   async flush(): Promise<void> { await this.file.flush?.(); }
   async allocatedSize(): Promise<number> { return this.file.allocatedSize ? this.file.allocatedSize() : this.file.size; }
   async infoExtra(): Promise<Record<string, unknown>> { return { 'cluster-size': this.L.blockSize }; }
-  async close(): Promise<void> { await this.file.close(); }
+  async close(): Promise<void> {
+    await this.backing?.close().catch(() => undefined);
+    await this.file.close();
+  }
+}
+
+/** opens the parent named by relative_path, then absolute_win32_path/volume_path, and checks its linkage */
+async function openParent(loc: Map<string, string>, ctx: OpenContext): Promise<BlockNode | null> {
+  const names = ['relative_path', 'absolute_win32_path', 'volume_path'].map((k) => loc.get(k)).filter((v): v is string => !!v)
+    .map((v) => v.replace(/\\/g, '/').replace(/^\.\//, ''));
+  if (names.length === 0) throw bad('parent locator names no parent path');
+  let lastErr: unknown = null;
+  for (const name of names) {
+    let p: BlockNode | null;
+    try {
+      p = await ctx.openBacking(name, 'vhdx');
+    } catch (e) { lastErr = e; continue; }
+    if (!p) return null; // backing=null: the user asked for no parent
+    const link = (loc.get('parent_linkage') ?? '').toLowerCase();
+    const link2 = (loc.get('parent_linkage2') ?? '').toLowerCase();
+    const pv = p as VhdxNode;
+    if (pv.L && link !== braced(pv.L.header.dataWriteGuid) && link2 !== braced(pv.L.header.dataWriteGuid)) {
+      await p.close();
+      throw bad(`parent '${name}' does not match the parent linkage (its DataWriteGuid changed)`);
+    }
+    return p;
+  }
+  throw new ImgError((lastErr as ImgError)?.kind ?? 'image', `vhdx: could not open the parent image: ${(lastErr as Error)?.message ?? 'not found'}`);
 }
 
 export async function openVhdx(file: BlockNode, ctx: OpenContext, forCheck = false): Promise<VhdxNode> {
@@ -345,6 +436,13 @@ export async function openVhdx(file: BlockNode, ctx: OpenContext, forCheck = fal
   const src: Reader = overlay ?? file;
   const layout = await parseLayout(file, src, header, slot);
   const node = new VhdxNode(file, { ...layout, logReplayed, overlay }, ctx.readOnly);
+  if (layout.parent) {
+    try {
+      node.backing = await openParent(layout.parent, ctx);
+    } catch (e) {
+      throw e instanceof ImgError ? e : new ImgError('image', `vhdx: could not open the parent image: ${(e as Error).message}`);
+    }
+  }
   if (!ctx.readOnly) {
     // a new FileWriteGuid for this session, and an empty log (qemu: vhdx_update_headers on open)
     await node.updateHeaders({ fileWriteGuid: newGuid(), logGuid: Buffer.alloc(16) });

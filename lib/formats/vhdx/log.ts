@@ -10,7 +10,7 @@ export interface LogOp { offset: number; length: number; data: Buffer | null }
 export interface LogSequence { ops: LogOp[]; lastFileOffset: number; lastSeq: bigint; entries: number }
 
 /** the largest log we read into memory (qemu's default is 1 MiB; Hyper-V uses 1 MiB too) */
-export const MAX_LOG_BYTES = 256 * MiB;
+export const MAX_LOG_BYTES = 64 * MiB;
 /** replayed offsets must stay below this (VHDX's 64 TiB payload plus metadata) */
 const MAX_FILE_OFFSET = 2 ** 47;
 
@@ -83,7 +83,11 @@ export async function searchLog(file: BlockNode, logOffset: number, logLength: n
     return valid.get(p)!;
   };
   let best: Entry[] | null = null;
+  // an entry that continues an earlier chain only starts a suffix of it (same last entry,
+  // never better): skipping those keeps the search linear in the log size
+  const continued = new Set<number>();
   for (let p = 0; p < logLength; p += LOG_SECTOR) {
+    if (continued.has(p)) continue;
     const e = at(p);
     if (!e) continue;
     const chain = [e];
@@ -96,6 +100,7 @@ export async function searchLog(file: BlockNode, logOffset: number, logLength: n
       if (!n || n.seq !== last.seq + 1n) break;
       chain.push(n);
       seen.add(np);
+      continued.add(np);
     }
     if (!best || chain[chain.length - 1].seq > best[best.length - 1].seq) best = chain;
   }
