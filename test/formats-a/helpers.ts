@@ -6,6 +6,7 @@ import { openImage } from '../../lib/core/graph';
 import { writeAt } from '../../lib/core/io';
 import { createImage } from '../../lib/ops/create';
 import { main } from '../../lib/cli/main';
+import type { OptionTree } from '../../lib/core/options';
 import { imgmount } from '../helpers';
 import { firstDiff, ourView, qemuImg, qemuImgStatus, qemuIo, qemuRaw } from '../qcow2/helpers';
 
@@ -107,7 +108,7 @@ export async function assertContents(t: T, dir: string, img: string, fmt: string
 }
 
 /** creates `img` with our create, as the CLI would */
-export async function ourCreate(img: string, fmt: string, size: number | null, options: Record<string, string> = {},
+export async function ourCreate(img: string, fmt: string, size: number | null, options: OptionTree = {},
   backing?: string, backingFormat?: string): Promise<void> {
   await createImage({ format: fmt, filename: img, size, options, backing, backingFormat });
 }
