@@ -1,15 +1,7 @@
 // Small helpers for the qcow2 driver: an async mutex, a byte-bounded LRU, entry decoding.
 import { ImgError } from '../../core/errors';
 
-export class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-  run<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    return prev.then(fn).finally(release);
-  }
-}
+export { Mutex } from '../../core/mutex';
 
 /** LRU of table buffers keyed by host offset, bounded in bytes. Entries are always clean
  *  (tables are written through), so eviction only drops memory. */
