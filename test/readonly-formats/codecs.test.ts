@@ -6,6 +6,7 @@ import { adcDecompress } from '../../lib/formats/dmg/adc';
 import { lzfseDecompress, lzvnDecode } from '../../lib/formats/dmg/lzfse';
 import { parsePlist, blkxData } from '../../lib/formats/dmg/plist';
 import { ChunkCache } from '../../lib/formats/dmg/cache';
+import { lzmaDecompress } from '../../lib/formats/dmg/lzma';
 import { have } from './helpers';
 
 function sampleData(): Buffer {
@@ -108,4 +109,24 @@ t.test('chunk cache is bounded by bytes and shares concurrent loads', async (t) 
   const [a, b] = await Promise.all([c.get(9, mk(10)), c.get(9, mk(10))]);
   t.equal(a, b, 'one load for concurrent requests');
   t.equal(loads, 5);
+});
+
+t.test('xz (dmg LZMA chunks) decodes what xz(1) writes: checks, blocks, concatenated streams', { skip: have('xz') ? false : 'xz not installed' }, async (t) => {
+  const data = sampleData();
+  const xz = (...args: string[]): Buffer => execFileSync('xz', ['-c', '-T1', ...args], { input: data, maxBuffer: 1 << 26 });
+  for (const args of [[], ['-C', 'crc32'], ['-C', 'sha256'], ['-C', 'none'], ['-9e'], ['-0'], ['--block-size=50000']]) {
+    t.ok(lzmaDecompress(xz(...args), data.length).equals(data), `xz ${args.join(' ')}`);
+  }
+  const z = xz();
+  t.ok(lzmaDecompress(Buffer.concat([z, Buffer.alloc(8), z]), 2 * data.length).equals(Buffer.concat([data, data])), 'two streams with padding');
+  t.throws(() => lzmaDecompress(z, data.length - 1), /larger than declared/, 'output larger than declared');
+  t.throws(() => lzmaDecompress(z, data.length + 1), /expected/, 'output smaller than declared');
+  t.throws(() => lzmaDecompress(z.subarray(0, z.length >> 1), data.length), /LZMA/, 'truncated');
+  const bad = Buffer.from(z);
+  bad[bad.length >> 1] ^= 0x10;
+  t.throws(() => lzmaDecompress(bad, data.length), /LZMA/, 'corrupt payload');
+  const badHdr = Buffer.from(z);
+  badHdr[7] ^= 0x01;
+  t.throws(() => lzmaDecompress(badHdr, data.length), /stream header|check type/, 'corrupt stream flags');
+  t.throws(() => lzmaDecompress(execFileSync('xz', ['-c', '--x86', '--lzma2'], { input: data.subarray(0, 1000) }), 1000), /only the LZMA2 filter|unsupported filter/, 'BCJ filter refused');
 });

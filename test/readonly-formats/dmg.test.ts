@@ -109,12 +109,13 @@ t.test('encrypted (encrcdsa) images give one clear error', async (t) => {
   t.match(r.err, /encrypted dmg images are not supported/);
 });
 
-t.test('synthetic images: every chunk type, gaps, several block tables', async (t) => {
+t.test('synthetic images: every chunk type (LZMA as xz), gaps', { skip: have('bzip2') && have('xz') ? false : 'bzip2 or xz not installed' }, async (t) => {
   const dir = tmpdir(t);
   const s0 = Buffer.alloc(512 * 4, 0x11);
   const s1 = Buffer.alloc(512 * 3);
   for (let i = 0; i < s1.length; i++) s1[i] = (i * 7) & 0xff;
   const bz = execFileSync('bzip2', ['-c'], { input: s1 });
+  const xz = execFileSync('xz', ['-c'], { input: s1 });
   const img = path.join(dir, 's.dmg');
   fs.writeFileSync(img, buildDmg({
     sectorCount: 32,
@@ -127,11 +128,12 @@ t.test('synthetic images: every chunk type, gaps, several block tables', async (
       { type: T.ignore, sector: 12, count: 4 },
       // sectors 16..19 are covered by no chunk: zeros
       { type: T.zlib, sector: 20, count: 3, data: zlibChunk(s1) },
+      { type: T.lzma, sector: 23, count: 3, data: xz },
     ],
   }));
   const b = await ourView(img, 'dmg');
   const want = Buffer.alloc(32 * 512);
-  s0.copy(want, 0); s1.copy(want, 4 * 512); s1.copy(want, 9 * 512); s1.copy(want, 20 * 512);
+  s0.copy(want, 0); s1.copy(want, 4 * 512); s1.copy(want, 9 * 512); s1.copy(want, 20 * 512); s1.copy(want, 23 * 512);
   t.ok(b.equals(want), 'content');
   // qemu agrees where it reads these chunk types (it errors on the gap, so compare the chunks)
   const n = await openImage(img, { readOnly: true, format: 'dmg' });
@@ -189,6 +191,7 @@ t.test('hostile images give one-line image errors', async (t) => {
   await check('zlib long output', buildDmg({ sectorCount: 1, chunks: [{ type: T.zlib, sector: 0, count: 1, data: zlibChunk(Buffer.alloc(4096)) }] }), 'image');
   await check('corrupt bzip2', buildDmg({ sectorCount: 1, chunks: [{ type: T.bzip2, sector: 0, count: 1, data: Buffer.from('BZh9garbagegarbage') }] }), 'image', /bzip2/);
   await check('corrupt ADC', buildDmg({ sectorCount: 1, chunks: [{ type: T.adc, sector: 0, count: 1, data: Buffer.from([0x00, 0x10]) }] }), 'image', /ADC/);
+  await check('corrupt LZMA', buildDmg({ sectorCount: 1, chunks: [{ type: T.lzma, sector: 0, count: 1, data: Buffer.from('\xfd7zXZ\0garbage', 'latin1') }] }), 'image', /LZMA/);
   await check('corrupt LZFSE', buildDmg({ sectorCount: 1, chunks: [{ type: T.lzfse, sector: 0, count: 1, data: Buffer.from('bvx2\0\0\0\0') }] }), 'image', /LZFSE/);
   await check('malformed XML', buildDmg({ ...ok, xml: '<plist><dict><key>resource-fork</key><dict>' }), 'image', /property list/);
   await check('DTD internal subset', buildDmg({ ...ok, xml: '<!DOCTYPE plist [<!ENTITY a "b">]><plist><dict/></plist>' }), 'image', /DTD/);
