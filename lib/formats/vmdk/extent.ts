@@ -19,7 +19,8 @@ export interface Mapping {
   compressed?: boolean;
 }
 
-const GT_CACHE_BYTES = 4 << 20;
+/** grain-table cache size per extent (tests shrink it to force evictions) */
+export const tuning = { gtCacheBytes: 4 << 20 };
 const MAX_STREAM_GT_BYTES = 64 << 20;
 
 export abstract class VmdkExtent {
@@ -80,6 +81,17 @@ class GtCache {
   }
 }
 
+class TableLock {
+  private tail: Promise<void> = Promise.resolve();
+  async lock<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.tail;
+    let release!: () => void;
+    this.tail = new Promise<void>((r) => { release = r; });
+    await prev;
+    try { return await fn(); } finally { release(); }
+  }
+}
+
 export interface SparseParams {
   kind: Kind;
   size: number;
@@ -110,6 +122,7 @@ export class SparseExtent extends VmdkExtent {
   l1!: Uint32Array | BigUint64Array;
   l1b: Uint32Array | null = null;
   private cache: GtCache;
+  private gtLock = new TableLock();
   nextAlloc: number;
   readonly p: SparseParams;
   /** streamOptimized writing: all grain tables in memory, the append point, the grain being filled */
@@ -130,7 +143,7 @@ export class SparseExtent extends VmdkExtent {
     this.entrySize = p.kind === 'se' ? 8 : 4;
     this.gtBytes = this.gtEntries * this.entrySize;
     this.compressed = p.compressed;
-    this.cache = new GtCache(Math.max(16, Math.floor(GT_CACHE_BYTES / this.gtBytes)));
+    this.cache = new GtCache(Math.max(2, Math.floor(tuning.gtCacheBytes / this.gtBytes)));
     this.nextAlloc = Math.ceil(file.size / this.clusterSize) * this.clusterSize;
   }
 
@@ -173,6 +186,11 @@ export class SparseExtent extends VmdkExtent {
   async loadGt(off: number): Promise<Uint32Array | BigUint64Array> {
     const hit = this.cache.get(off);
     if (hit) return hit;
+    // misses are read under the table lock, so a load never races with an entry update
+    return this.gtLock.lock(async () => this.cache.get(off) ?? this.readGt(off));
+  }
+
+  private async readGt(off: number): Promise<Uint32Array | BigUint64Array> {
     if (off + this.gtBytes > this.file.size) throw new ImgError('image', `vmdk: grain table at offset ${off} of '${this.file.filename}' is beyond the end of the file`);
     const b = Buffer.alloc(this.gtBytes);
     await this.file.read(b, off);
@@ -313,12 +331,16 @@ export class SparseExtent extends VmdkExtent {
     const gt = (await this.loadGt(off)) as Uint32Array;
     const b = Buffer.alloc(4);
     b.writeUInt32LE(value >>> 0, 0);
-    await this.file.write!(b, off + l2i * 4);
-    if (this.l1b) {
-      const boff = this.l1b[l1i] * SECTOR;
-      if (boff && boff + this.gtBytes <= this.file.size) await this.file.write!(b, boff + l2i * 4);
-    }
-    gt[l2i] = value >>> 0;
+    await this.gtLock.lock(async () => {
+      await this.file.write!(b, off + l2i * 4);
+      if (this.l1b) {
+        const boff = this.l1b[l1i] * SECTOR;
+        if (boff && boff + this.gtBytes <= this.file.size) await this.file.write!(b, boff + l2i * 4);
+      }
+      gt[l2i] = value >>> 0;
+      const cur = this.cache.get(off) as Uint32Array | undefined;
+      if (cur) cur[l2i] = value >>> 0;
+    });
   }
 
   /**
