@@ -51,7 +51,7 @@ t.test('random unaligned writes pass qemu-img check and compare', async (t) => {
 t.test('images we create', async (t) => {
   const dir = tmpdir(t);
   const uuids = (b: Buffer): Buffer => { const c = Buffer.from(b); c.fill(0, 0x188, 0x1a8); return c; };
-  for (const [opts, qopts] of [[{}, ''], [{ static: 'on' }, 'static=on'], [{ preallocation: 'metadata' }, 'static=on']] as const) {
+  for (const [opts, qopts] of [[{}, ''], [{ static: 'on' }, 'static=on'], [{ preallocation: 'full' }, 'preallocation=full']] as const) {
     const size = 3 * MiB + 512;
     const ours = path.join(dir, 'ours.vdi');
     const theirs = path.join(dir, 'theirs.vdi');
@@ -66,6 +66,8 @@ t.test('images we create', async (t) => {
     await assertContents(t, dir, ours, FMT, ref, `our ${JSON.stringify(opts)} image`);
   }
   t.equal(await errKind(ourCreate(path.join(dir, 'bad.vdi'), FMT, MiB, { cluster_size: '4096' })), 'usage', 'unknown option refused');
+  t.equal(await errKind(ourCreate(path.join(dir, 'bad.vdi'), FMT, MiB, { preallocation: 'metadata' })), 'usage',
+    'preallocation=metadata refused as by qemu-img');
 });
 
 t.test('convert in and out', async (t) => {

@@ -246,13 +246,15 @@ async function openVdi(file: BlockNode, ctx: OpenContext): Promise<VdiNode> {
 async function createVdi(ctx: CreateContext): Promise<void> {
   const r = new OptionReader(ctx.options, 'vdi');
   r.markUsed('size');
-  let isStatic = r.bool('static', false);
-  // qemu 8.2: preallocation=metadata is the same as static=on; off/falloc/full go to the file
-  const prealloc = r.choice('preallocation', ['off', 'metadata', 'falloc', 'full'] as const, 'off');
+  const isStatic = r.bool('static', false);
+  // qemu-img create hands -o preallocation to the file protocol, which creates the file empty:
+  // off/falloc/full have no visible effect, metadata is refused (static=on is VDI's metadata
+  // preallocation)
+  const pv = r.str('preallocation') ?? 'off';
+  if (!['off', 'falloc', 'full'].includes(pv)) throw new ImgError('usage', `Unsupported preallocation mode: ${pv}`);
   r.bool('nocow', false);
   r.int('extent_size_hint', 0);
   r.finish();
-  if (prealloc === 'metadata') isStatic = true;
   if (ctx.size === null) throw new ImgError('usage', 'vdi: image size required');
   const size = Math.ceil(ctx.size / SECTOR) * SECTOR;
   if (size > BLOCKS_MAX * BLOCK) throw new ImgError('usage', `Unsupported VDI image size (size is 0x${size.toString(16)}, max supported is 0x${(BLOCKS_MAX * BLOCK).toString(16)})`);
@@ -282,9 +284,7 @@ async function createVdi(ctx: CreateContext): Promise<void> {
   try {
     await f.write(h, 0);
     await f.write(bmap, 0x200);
-    const fileProt = prealloc === 'metadata' ? 'off' : prealloc;
-    if (isStatic) await f.truncate(0x200 + bmapSize + blocks * BLOCK, fileProt);
-    else if (fileProt !== 'off') await f.truncate(0x200 + bmapSize, fileProt);
+    if (isStatic) await f.truncate(0x200 + bmapSize + blocks * BLOCK);
     await f.flush();
   } finally {
     await f.close();
