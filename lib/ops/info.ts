@@ -27,8 +27,9 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   info.filename = node.filename;
   if (extra['cluster-size'] !== undefined) info['cluster-size'] = extra['cluster-size'];
   info.format = node.driver;
-  const file = node.file ?? node;
-  if (file.allocatedSize) info['actual-size'] = await file.allocatedSize();
+  // a format node that spans several files (vmdk extents) sums them itself
+  const sizer = node.allocatedSize ? node : (node.file ?? node);
+  if (sizer.allocatedSize) info['actual-size'] = await sizer.allocatedSize();
   if (extra.encrypted) info.encrypted = true;
   const fs = node.formatSpecific ? await node.formatSpecific() : null;
   if (fs) info['format-specific'] = fs;
