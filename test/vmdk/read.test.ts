@@ -61,6 +61,8 @@ else {
       const [info] = await imageInfo(img, { format: 'vmdk' }, false);
       const ext = (info['format-specific'] as { data: { extents: unknown[] } }).data.extents;
       t.equal(ext.length, 2, 'two extents');
+      const q = JSON.parse(qemuImg('info', '--output', 'json', img));
+      t.equal(info['actual-size'], q['actual-size'], 'actual-size sums the extent files as qemu');
     }
   });
 
