@@ -151,6 +151,25 @@ t.test('synthetic images: every chunk type (LZMA as xz), gaps', { skip: have('bz
   await n.close();
 });
 
+t.test('old binary resource fork block tables read as qemu reads them', async (t) => {
+  const dir = tmpdir(t);
+  const a = Buffer.alloc(512 * 8);
+  for (let i = 0; i < a.length; i++) a[i] = (i * 13 + (i >> 9)) & 0xff;
+  const img = path.join(dir, 'rsrc.dmg');
+  fs.writeFileSync(img, buildDmg({
+    rsrc: true,
+    sectorCount: 24,
+    chunks: [
+      { type: T.zlib, sector: 0, count: 8, data: zlibChunk(a) },
+      { type: T.zero, sector: 8, count: 8 },
+      { type: T.raw, sector: 16, count: 8, data: a },
+    ],
+  }));
+  const ours = await ourView(img, 'dmg');
+  t.ok(ours.equals(Buffer.concat([a, Buffer.alloc(4096), a])), 'content');
+  t.ok(ours.equals(qemuRaw(dir, img, 'dmg')), 'equal to qemu-img convert');
+});
+
 t.test('hostile images give one-line image errors', async (t) => {
   const dir = tmpdir(t);
   const one = Buffer.alloc(512, 0x42);
@@ -177,6 +196,7 @@ t.test('hostile images give one-line image errors', async (t) => {
   await check('truncated', buildDmg(ok).subarray(0, buildDmg(ok).length - 700), 'image');
   await check('xml beyond file', buildDmg({ ...ok, koly: (k) => k.writeBigUInt64BE(1n << 40n, 0xe0) }), 'image', /property list/);
   await check('data fork beyond file', buildDmg({ ...ok, koly: (k) => k.writeBigUInt64BE(1n << 50n, 0x18) }), 'image', /data fork/);
+  await check('bad resource fork', buildDmg({ ...ok, rsrc: true, koly: (k) => k.writeBigUInt64BE(10n, 0x30) }), 'image', /resource fork/);
   await check('no tables', buildDmg({ ...ok, koly: (k) => k.writeBigUInt64BE(0n, 0xe0) }), 'image', /no block tables/);
   await check('huge chunk count', buildDmg({ ...ok, declaredChunks: 0xffffffff }), 'image', /declares/);
   await check('overlapping chunks', buildDmg({ sectorCount: 4, chunks: [{ type: T.raw, sector: 0, count: 2, data: Buffer.alloc(1024) }, { type: T.raw, sector: 1, count: 2, data: Buffer.alloc(1024) }] }), 'image', /overlap/);

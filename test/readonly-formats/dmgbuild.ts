@@ -21,6 +21,8 @@ export interface SynthOptions {
   declaredChunks?: number;
   /** patch the koly trailer after it is built */
   koly?: (k: Buffer) => void;
+  /** store the block table in an old-style binary resource fork instead of the XML plist */
+  rsrc?: boolean;
   /** first sector of the mish block */
   firstSector?: number;
 }
@@ -61,7 +63,19 @@ export function buildDmg(o: SynthOptions): Buffer {
     if (c.data) { parts.push(c.data); pos += c.data.length; }
   }
   const dataLen = pos;
-  const xml = Buffer.from(o.xml ?? plistFor([mish(o, offsets)]), 'utf8');
+  const table = mish(o, offsets);
+  let meta: Buffer;
+  if (o.rsrc) {
+    // header (data offset, map offset, data length, map length), padding, then the resources
+    const hdr = Buffer.alloc(256);
+    hdr.writeUInt32BE(256, 0);
+    hdr.writeUInt32BE(256 + 4 + table.length, 4);
+    hdr.writeUInt32BE(4 + table.length, 8);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(table.length);
+    meta = Buffer.concat([hdr, len, table]);
+  } else meta = Buffer.from(o.xml ?? plistFor([table]), 'utf8');
+  const xml = meta;
   const k = Buffer.alloc(512);
   k.write('koly', 0, 'latin1');
   k.writeUInt32BE(4, 4);
@@ -69,8 +83,13 @@ export function buildDmg(o: SynthOptions): Buffer {
   k.writeUInt32BE(1, 12);
   k.writeBigUInt64BE(0n, 0x18);
   k.writeBigUInt64BE(BigInt(dataLen), 0x20);
-  k.writeBigUInt64BE(BigInt(dataLen), 0xd8);
-  k.writeBigUInt64BE(BigInt(xml.length), 0xe0);
+  if (o.rsrc) {
+    k.writeBigUInt64BE(BigInt(dataLen), 0x28);
+    k.writeBigUInt64BE(BigInt(xml.length), 0x30);
+  } else {
+    k.writeBigUInt64BE(BigInt(dataLen), 0xd8);
+    k.writeBigUInt64BE(BigInt(xml.length), 0xe0);
+  }
   k.writeUInt32BE(1, 0x1e8);
   k.writeBigUInt64BE(BigInt(o.sectorCount), 0x1ec);
   o.koly?.(k);

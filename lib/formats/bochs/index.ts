@@ -114,15 +114,18 @@ export class BochsNode implements BlockNode {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
-    // only called for 'data' ranges, which lie within one extent
+    // honours the catalog and the sector bitmaps even for callers that skip blockStatus
     let done = 0;
     while (done < buf.length) {
       const off = offset + done;
-      const idx = Math.floor(off / this.hdr.extentSize);
-      const n = Math.min(buf.length - done, (idx + 1) * this.hdr.extentSize - off);
-      if (this.catalog[idx] === UNALLOCATED) buf.fill(0, done, done + n);
-      else await this.file.read(buf.subarray(done, done + n), this.extentBase(idx) + 512 * this.bitmapBlocks + (off - idx * this.hdr.extentSize));
-      done += n;
+      const ext = await this.blockStatus(off, buf.length - done);
+      const dst = buf.subarray(done, done + ext.length);
+      if (ext.state !== 'data') dst.fill(0);
+      else {
+        const idx = Math.floor(off / this.hdr.extentSize);
+        await this.file.read(dst, this.extentBase(idx) + 512 * this.bitmapBlocks + (off - idx * this.hdr.extentSize));
+      }
+      done += ext.length;
     }
   }
 

@@ -167,11 +167,8 @@ export class DmgNode implements BlockNode {
   readonly backing = null;
   mapInvalidator = null;
   private cache = new ChunkCache(CACHE_BYTES);
-  private starts: Float64Array;
 
-  constructor(readonly file: BlockNode, readonly size: number, readonly chunks: Chunk[]) {
-    this.starts = Float64Array.from(chunks.map((c) => c.start));
-  }
+  constructor(readonly file: BlockNode, readonly size: number, readonly chunks: Chunk[]) {}
 
   get filename(): string { return this.file.filename; }
 
