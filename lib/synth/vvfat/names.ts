@@ -72,6 +72,7 @@ function basis(name: string): { base: string; ext: string; lossy: boolean } {
 export function assignShortNames(names: string[]): string[] {
   const used = new Set<string>(['.          ', '..         ']);
   const out: string[] = new Array(names.length);
+  const nextTail = new Map<string, number>();
   names.forEach((n, i) => {
     const s = exactShortName(n);
     if (s && !used.has(s)) { used.add(s); out[i] = s; }
@@ -83,11 +84,12 @@ export function assignShortNames(names: string[]): string[] {
       const s = base.padEnd(8, ' ') + ext.padEnd(3, ' ');
       if (!used.has(s)) { used.add(s); out[i] = s; return; }
     }
-    for (let k = 1; ; k++) {
+    const key = base.slice(0, 6) + '.' + ext;
+    for (let k = nextTail.get(key) ?? 1; ; k++) {
       const tail = `~${k}`;
       const b = base.slice(0, 8 - tail.length) + tail;
       const s = b.padEnd(8, ' ') + ext.padEnd(3, ' ');
-      if (!used.has(s)) { used.add(s); out[i] = s; break; }
+      if (!used.has(s)) { used.add(s); out[i] = s; nextTail.set(key, k + 1); break; }
       if (k > 999999) throw new Error('no free short name');
     }
   });
