@@ -122,6 +122,7 @@ t.test('hostile descriptors', async (t) => {
     ['FLAT without offset', desc('RW 8 FLAT "e.bin"'), 'image'],
     ['absurd size', desc('RW 99999999999999999999 FLAT "e.bin" 0'), 'image'],
     ['unknown extent type', desc('RW 8 WEIRD "e.bin"'), 'image'],
+    ['extents adding up past 2^52 bytes', desc(Array(300).fill('RW 8000000000000 FLAT "e.bin" 0').join('\n')), 'image'],
     ['sparse extent that is not sparse', desc('RW 8 SPARSE "e.bin"', 'twoGbMaxExtentSparse'), 'image'],
     ['missing extent file', desc('RW 8 FLAT "nope.bin" 0'), 'usage'],
   ];

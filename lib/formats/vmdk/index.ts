@@ -92,6 +92,8 @@ async function openDescriptor(file: BlockNode, ctx: OpenContext, text: Buffer, o
   if (desc.extents.length === 0) throw new ImgError('image', `${what}: the descriptor lists no extents`);
   if (desc.extents.length > MAX_EXTENTS) throw new ImgError('image', `${what}: too many extents`);
   if (desc.cid === null || desc.parentCid === null) throw new ImgError('image', `${what}: invalid VMDK image descriptor (no CID)`);
+  const total = desc.extents.reduce((a, l) => a + l.sectors * SECTOR, 0);
+  if (!Number.isSafeInteger(total) || total > 2 ** 52) throw new ImgError('image', `${what}: the extents add up to an impossible disk size`);
   const extents: VmdkExtent[] = [];
   // one child per extent file: a descriptor naming the same file many times opens it once
   const children = new Map<string, BlockNode>();
