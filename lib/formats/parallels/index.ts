@@ -17,8 +17,8 @@ const VERSION = 2;
 const INUSE_MAGIC = 0x746f6e59;
 const SECTOR = 512;
 const INT32_MAX = 0x7fffffff;
-/** our bound on the BAT kept in memory (256 MiB) */
-const MAX_BAT_BYTES = 256 << 20;
+/** our bound on the BAT kept in memory (16 MiB: 4 TiB of disk with 1 MiB clusters) */
+const MAX_BAT_BYTES = 16 << 20;
 const DEFAULT_CLUSTER = 1 << 20;
 
 const bad = (msg: string): ImgError => new ImgError('image', `parallels: ${msg}`);
@@ -216,7 +216,13 @@ export class ParallelsNode implements BlockNode {
     res.totalClusters = this.hdr.batEntries;
     let allocated = 0, fragmented = 0;
     let high = 0, prev = 0;
-    const seen = new Map<number, number>();
+    // duplicates: entries sorted by value, equal neighbours share a cluster
+    const vals = new Uint32Array(this.hdr.batEntries);
+    for (let i = 0; i < vals.length; i++) vals[i] = this.bat.readUInt32LE(i * 4);
+    const sorted = vals.slice().sort();
+    const dup = new Set<number>();
+    for (let k = 1; k < sorted.length; k++) if (sorted[k] && sorted[k] === sorted[k - 1]) dup.add(sorted[k]);
+    const firstUser = new Map<number, number>();
     const units = this.mult * SECTOR;
     for (let i = 0; i < this.hdr.batEntries; i++) {
       let off = this.bat.readUInt32LE(i * 4) * units;
@@ -232,8 +238,10 @@ export class ParallelsNode implements BlockNode {
         prev = 0;
         continue;
       }
-      if (seen.has(off)) {
-        res.messages.push(`${fixErrors ? 'Repairing' : 'ERROR'} BAT offset in entry ${i} duplicates entry ${seen.get(off)}`);
+      const raw = this.bat.readUInt32LE(i * 4);
+      if (dup.has(raw) && !firstUser.has(raw)) firstUser.set(raw, i);
+      else if (dup.has(raw)) {
+        res.messages.push(`${fixErrors ? 'Repairing' : 'ERROR'} BAT offset in entry ${i} duplicates entry ${firstUser.get(raw)}`);
         res.corruptions++;
         if (fixErrors) {
           // give the second user its own copy of the cluster
@@ -248,7 +256,6 @@ export class ParallelsNode implements BlockNode {
           res.corruptionsFixed++;
         }
       }
-      seen.set(off, i);
       allocated++;
       high = Math.max(high, off);
       if (prev && prev + this.cs !== off) fragmented++;

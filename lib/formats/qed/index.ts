@@ -382,10 +382,24 @@ export class QedNode implements BlockNode {
   }
 
   // ------------------------------------------------------------------ check
+  /** calls fn(index, value) for every non-zero entry of a table, reading it 1 MiB at a time */
+  private async scanTable(table: number, fn: (i: number, v: bigint) => void): Promise<void> {
+    const chunk = Math.min(this.tableBytes, 1 << 20);
+    const b = Buffer.alloc(chunk);
+    for (let off = 0; off < this.tableBytes; off += chunk) {
+      await this.file.read(b, table + off);
+      for (let k = 0; k < chunk; k += 8) {
+        const v = b.readBigUInt64LE(k);
+        if (v !== 0n) fn((off + k) / 8, v);
+      }
+    }
+  }
+
   async check(fix: boolean): Promise<CheckResult> {
     const res: CheckResult = { checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, messages: [] };
     const cs = this.cs;
     const ncl = Math.ceil(this.fileSize / cs);
+    if (ncl > 2 ** 30) throw bad(`the file has too many clusters (${ncl}) to check`);
     const used = new Uint8Array(Math.ceil(ncl / 8) + 1);
     const mark = (off: number, n: number): boolean => {
       let c = Math.floor(off / cs);
@@ -397,37 +411,45 @@ export class QedNode implements BlockNode {
       res.corruptions += dup;
       return dup === 0;
     };
+    const big = BigInt(Number.MAX_SAFE_INTEGER);
     res.totalClusters = Math.ceil(this.size / cs);
     let allocated = 0;
+    let fragmented = 0;
     let lastData = -1;
     mark(this.hdr.l1Offset, this.hdr.tableSize);
-    for (let i = 0; i < this.nelems; i++) {
-      const l2 = await this.entry(this.hdr.l1Offset, i);
-      if (!l2) continue;
-      if (!this.validTable(l2)) {
-        res.messages.push(`ERROR: invalid L2 table offset 0x${l2.toString(16)} in L1 entry ${i}`);
-        if (fix) { await this.setEntries(this.hdr.l1Offset, i, [0]); res.corruptionsFixed++; }
+    const l2s: Array<[number, number]> = [];
+    const badL1: number[] = [];
+    await this.scanTable(this.hdr.l1Offset, (i, v) => {
+      const l2 = v > big ? -1 : Number(v);
+      if (l2 < 0 || !this.validTable(l2)) {
+        res.messages.push(`ERROR: invalid L2 table offset 0x${v.toString(16)} in L1 entry ${i}`);
         res.corruptions++;
-        continue;
-      }
+        badL1.push(i);
+      } else l2s.push([i, l2]);
+    });
+    for (const [, l2] of l2s) {
       if (!mark(l2, this.hdr.tableSize)) continue;
-      for (let j = 0; j < this.nelems; j++) {
-        const e = await this.entry(l2, j);
-        if (e === 0 || e === ZERO_CLUSTER) continue;
-        if (!this.validCluster(e)) {
-          res.messages.push(`ERROR: invalid cluster offset 0x${e.toString(16)} in L2 table 0x${l2.toString(16)} entry ${j}`);
-          if (fix) { await this.setEntries(l2, j, [0]); res.corruptionsFixed++; }
+      const badL2: number[] = [];
+      await this.scanTable(l2, (j, v) => {
+        if (v === BigInt(ZERO_CLUSTER)) return;
+        const e = v > big ? -1 : Number(v);
+        if (e < 0 || !this.validCluster(e)) {
+          res.messages.push(`ERROR: invalid cluster offset 0x${v.toString(16)} in L2 table 0x${l2.toString(16)} entry ${j}`);
           res.corruptions++;
-          continue;
+          badL2.push(j);
+          return;
         }
         allocated++;
-        if (lastData >= 0 && e !== lastData + cs) res.fragmentedClusters = (res.fragmentedClusters ?? 0) + 1;
+        if (lastData >= 0 && e !== lastData + cs) fragmented++;
         lastData = e;
         mark(e, 1);
-      }
+      });
+      if (fix) for (const j of badL2) { await this.setEntries(l2, j, [0]); res.corruptionsFixed++; }
     }
+    if (fix) for (const i of badL1) { await this.setEntries(this.hdr.l1Offset, i, [0]); res.corruptionsFixed++; }
     for (let c = this.hdr.headerSize; c < ncl; c++) if (!(used[c >> 3] & (1 << (c & 7)))) res.leaks++;
     res.allocatedClusters = allocated;
+    if (fragmented) res.fragmentedClusters = fragmented;
     if (fix && res.corruptions === res.corruptionsFixed && !res.checkErrors && (this.hdr.features & F_NEED_CHECK)) {
       this.hdr.features &= ~F_NEED_CHECK;
       await this.writeHeader();
