@@ -214,3 +214,31 @@ if (hasQemu) {
     compareRaw(t, img, refFile);
   });
 }
+
+if (hasQemu) {
+  t.test('a missing grain table is allocated (and its redundant copy)', async (t) => {
+    const dir = tmpdir(t);
+    const img = path.join(dir, 'g.vmdk');
+    qemuImg('create', '-q', '-f', 'vmdk', img, '64M');
+    const b = fs.readFileSync(img);
+    const rgd = Number(b.readBigUInt64LE(48)) * 512;
+    const gd = Number(b.readBigUInt64LE(56)) * 512;
+    b.writeUInt32LE(0, gd + 4);
+    b.writeUInt32LE(0, rgd + 4);
+    fs.writeFileSync(img, b);
+    const ref = Buffer.alloc(64 << 20);
+    await withImage(img, { readOnly: false }, async (n) => {
+      const d = Buffer.alloc(70000, 0x4d);
+      await writeAt(n, d, 40 << 20);
+      d.copy(ref, 40 << 20);
+    });
+    const after = fs.readFileSync(img);
+    t.not(after.readUInt32LE(gd + 4), 0, 'grain directory entry set');
+    t.not(after.readUInt32LE(rgd + 4), 0, 'redundant grain directory entry set');
+    t.not(after.readUInt32LE(gd + 4), after.readUInt32LE(rgd + 4), 'separate tables');
+    qemuCheckClean(t, img);
+    const refFile = path.join(dir, 'ref.raw');
+    fs.writeFileSync(refFile, ref);
+    compareRaw(t, img, refFile);
+  });
+}

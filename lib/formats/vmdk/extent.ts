@@ -326,8 +326,8 @@ export class SparseExtent extends VmdkExtent {
   private async setEntry(g: number, value: number): Promise<void> {
     const l1i = Math.floor(g / this.gtEntries);
     const l2i = g % this.gtEntries;
-    const off = this.gtOffset(l1i);
-    if (!off) throw new ImgError('unsupported', `vmdk: '${this.file.filename}' has no grain table for grain ${g}; allocating grain tables is not supported`);
+    let off = this.gtOffset(l1i);
+    if (!off) off = await this.allocGt(l1i);
     const gt = (await this.loadGt(off)) as Uint32Array;
     const b = Buffer.alloc(4);
     b.writeUInt32LE(value >>> 0, 0);
@@ -341,6 +341,27 @@ export class SparseExtent extends VmdkExtent {
       const cur = this.cache.get(off) as Uint32Array | undefined;
       if (cur) cur[l2i] = value >>> 0;
     });
+  }
+
+  /** a new, empty grain table (and its redundant copy) for GD index l1i, in grain-sized slots */
+  private async allocGt(l1i: number): Promise<number> {
+    if (this.kind === 'se' || this.compressed) throw new ImgError('unsupported', 'vmdk: cannot allocate grain tables here');
+    const slot = Math.ceil(this.gtBytes / this.clusterSize) * this.clusterSize;
+    const place = async (gdBase: number): Promise<number> => {
+      if (this.nextAlloc / SECTOR + slot / SECTOR > 0xffffffff) throw new ImgError('nospace', `vmdk: extent '${this.file.filename}' is full`);
+      const at = this.nextAlloc;
+      this.nextAlloc += slot;
+      await this.file.write!(Buffer.alloc(this.gtBytes), at);
+      const e = Buffer.alloc(4);
+      e.writeUInt32LE(at / SECTOR, 0);
+      if (this.file.flush) await this.file.flush();
+      await this.file.write!(e, gdBase + l1i * 4);
+      return at;
+    };
+    if (this.l1b && this.p.rgdOffset) this.l1b[l1i] = (await place(this.p.rgdOffset)) / SECTOR;
+    const at = await place(this.p.gdOffset);
+    (this.l1 as Uint32Array)[l1i] = at / SECTOR;
+    return at;
   }
 
   /**
