@@ -47,6 +47,12 @@ t.test('backing files and compressed clusters', async (t) => {
   // our unaligned writes over the backing file copy the rest of each cluster from it
   await randomWrites(top, FMT, ref, 3, 20, 5000);
   await assertContents(t, dir, top, FMT, ref, 'our writes on an overlay');
+  // commit into the backing file empties the overlay (qcow_make_empty)
+  const cm = await cli(['commit', top]);
+  t.equal(cm.code, 0, `commit: ${cm.stderr}`);
+  await assertContents(t, dir, base, FMT, ref, 'the backing file after commit');
+  await assertContents(t, dir, top, FMT, ref, 'the emptied overlay');
+  t.equal(qemuImg('map', '--output', 'json', top).includes('"depth": 0'), false, 'nothing left in the overlay');
 
   // qemu-img convert -c fails for qcow in qemu 7.2 (EINVAL on multi-cluster requests): compress
   // cluster by cluster with qemu-io write -c

@@ -239,6 +239,22 @@ export class QcowNode implements BlockNode {
 
   async flush(): Promise<void> { if (!this.readOnly) await this.file.flush?.(); }
 
+  /** as qemu's qcow_make_empty: clear the L1 table and drop everything after it */
+  async makeEmpty(): Promise<void> {
+    if (this.readOnly) throw new ImgError('readonly', 'qcow: the image is opened read-only');
+    await this.mutex.run(async () => {
+      this.mapInvalidator?.(0, this.size);
+      this.l1.fill(0);
+      await this.file.write!(this.l1, this.hdr.l1Offset);
+      const end = this.hdr.l1Offset + this.l1.length;
+      if (this.file.truncate && this.file.size > end) await this.file.truncate(end);
+      this.fileEnd = Math.max(end, this.file.size);
+      this.cache.clear();
+      this.lastComp = null;
+      await this.file.flush?.();
+    });
+  }
+
   async truncate(_size: number, _prealloc?: Preallocation): Promise<void> {
     throw new ImgError('unsupported', 'qcow: resizing is not supported');
   }
