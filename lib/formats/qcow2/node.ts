@@ -16,6 +16,17 @@ import type { QcowCrypto } from './crypto';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 
+interface PendingAlloc {
+  items: { gc: number; idx: number }[];
+  host0: number;
+  l2off: number;
+  pos: number;
+  done: number;
+  dataWritten: Promise<void>;
+  linked: boolean;
+  release: () => void;
+}
+
 export type Kind = 'unalloc' | 'zero' | 'normal' | 'compressed';
 export interface L2Info {
   kind: Kind;
@@ -144,9 +155,14 @@ export class Qcow2Node implements BlockNode {
   // marks the image corrupt and fails; reads go on. The cluster set is rebuilt after any
   // metadata change (every allocation or free goes through updateRefcount).
   private metaClusters: Set<number> | null = null;
+  private metaKey: unknown[] = [];
 
   private metaSet(): Set<number> {
-    if (this.metaClusters) return this.metaClusters;
+    // rebuilt when a table moves or is replaced; setL1 and refcount-table writes reset it
+    const key = [this.hdr.l1TableOffset, this.hdr.l1Size, this.hdr.refcountTableOffset, this.hdr.refcountTableClusters,
+      this.hdr.snapshotsOffset, this.hdr.nbSnapshots, this.l1, this.refTable];
+    if (this.metaClusters && key.every((v, i) => v === this.metaKey[i])) return this.metaClusters;
+    this.metaKey = key;
     const cs = this.cs;
     const set = new Set<number>([0]);
     const addRange = (off: number, len: number): void => {
@@ -428,7 +444,6 @@ export class Qcow2Node implements BlockNode {
 
   /** adds `addend` to the refcount of every cluster in [offset, offset+length) */
   async updateRefcount(offset: number, length: number, addend: number): Promise<void> {
-    this.metaClusters = null;
     if (length <= 0) return;
     const per = 2 ** this.rbShift;
     const first = Math.floor(offset / this.cs);
@@ -607,7 +622,118 @@ export class Qcow2Node implements BlockNode {
         done += run;
         continue;
       }
+      const quick = await this.writeAllocPipelined(buf.subarray(done), pos);
+      if (quick < 0) continue; // another request was allocating this cluster: look again
+      if (quick > 0) { done += quick; continue; }
       done += await this.lock.run(() => this.writeAlloc(buf.subarray(done), pos));
+    }
+  }
+
+  // Allocating writes into unallocated (or zero) clusters, pipelined as qemu does: clusters
+  // are allocated under the metadata lock, the data is written without it (so requests
+  // overlap), and the L2 entries are linked under the lock again. An operation that needs
+  // the metadata quiet (snapshot, discard, zeroing...) calls drainFastWrites() under the lock,
+  // which waits for the data of every pending allocation and links it itself.
+  private allocInflight = new Map<number, Promise<void>>();
+  private pendingLinks = new Set<PendingAlloc>();
+
+  private async writeAllocPipelined(buf: Uint8Array, pos: number): Promise<number> {
+    if (this.dataFile || this.extL2) return 0;
+    const cs = this.cs;
+    const gcFirst = Math.floor(pos / cs);
+    const busy = this.allocInflight.get(gcFirst);
+    if (busy) { await busy; return -1; }
+    const plan = await this.lock.run(async (): Promise<PendingAlloc | null | 'busy'> => {
+      if (this.allocInflight.has(gcFirst)) return 'busy';
+      const l1i = Math.floor(gcFirst / this.l2Entries);
+      const t = await this.l2ForWrite(l1i);
+      const items: PendingAlloc['items'] = [];
+      let done = 0;
+      while (done < buf.length && items.length < 4096) {
+        const p = pos + done;
+        const gc = Math.floor(p / cs);
+        if (Math.floor(gc / this.l2Entries) !== l1i || this.allocInflight.has(gc)) break;
+        const inf = this.decode(t.buf, gc % this.l2Entries);
+        if (!(inf.kind === 'unalloc' || (inf.kind === 'zero' && !inf.has))) break;
+        items.push({ gc, idx: gc % this.l2Entries });
+        done += Math.min(cs - (p % cs), buf.length - done);
+      }
+      if (!items.length) return null;
+      await this.markDirty();
+      this.mapInvalidator?.(pos, done);
+      const host0 = await this.allocClusters(items.length);
+      let release!: () => void;
+      const settled = new Promise<void>((r) => { release = r; });
+      for (const it of items) this.allocInflight.set(it.gc, settled);
+      const plan: PendingAlloc = { items, host0, l2off: t.off, pos, done, dataWritten: Promise.resolve(), linked: false, release };
+      // the data write starts before the lock is released, so whoever takes the lock next and
+      // settles pending allocations waits for exactly this write
+      plan.dataWritten = this.writePlannedData(plan, buf);
+      plan.dataWritten.catch(() => undefined);
+      this.pendingLinks.add(plan);
+      return plan;
+    });
+    if (plan === 'busy') return -1;
+    if (!plan) return 0;
+    try {
+      await plan.dataWritten;
+      await this.lock.run(() => this.linkAlloc(plan));
+    } finally {
+      this.finishAlloc(plan);
+    }
+    return plan.done;
+  }
+
+  private async writePlannedData(plan: PendingAlloc, buf: Uint8Array): Promise<void> {
+    const cs = this.cs;
+    const head = plan.pos % cs;
+    const total = plan.items.length * cs;
+    const tail = total - head - plan.done;
+    let data: Uint8Array;
+    if (!head && !tail && !this.crypto) {
+      data = buf.subarray(0, plan.done); // whole clusters straight from the request
+    } else {
+      const span = Buffer.alloc(total);
+      const cStart = plan.pos - head;
+      if (head) await this.oldView(span.subarray(0, head), cStart);
+      if (tail) await this.oldView(span.subarray(head + plan.done), plan.pos + plan.done);
+      span.set(buf.subarray(0, plan.done), head);
+      this.crypto?.encrypt(span, plan.host0, cStart);
+      data = span;
+    }
+    await this.checkOverlap(plan.host0, data.length, plan.pos);
+    await this.dataNode.write!(data, plan.host0);
+  }
+
+  /** points the L2 entries at the written clusters (under the metadata lock) */
+  private async linkAlloc(plan: PendingAlloc): Promise<void> {
+    if (plan.linked) return;
+    plan.linked = true;
+    this.pendingLinks.delete(plan);
+    const l2 = await this.loadL2(plan.l2off);
+    plan.items.forEach((it, i) => this.setL2(l2, it.idx, plan.host0 + i * this.cs, true, false));
+    await this.writeL2Range({ buf: l2, off: plan.l2off }, plan.items[0].idx, plan.items[plan.items.length - 1].idx + 1);
+    // a map learnt while the data was in flight saw the old (unallocated) state
+    this.mapInvalidator?.(plan.pos, plan.done);
+  }
+
+  private finishAlloc(plan: PendingAlloc): void {
+    this.pendingLinks.delete(plan);
+    for (const it of plan.items) if (this.allocInflight.get(it.gc)) this.allocInflight.delete(it.gc);
+    plan.release();
+  }
+
+  /** under the metadata lock: waits for pending allocations' data and links them */
+  private async settlePendingAllocs(): Promise<void> {
+    for (const plan of [...this.pendingLinks]) {
+      try {
+        await plan.dataWritten;
+        await this.linkAlloc(plan);
+      } catch {
+        // its writer reports the error; the clusters stay unreferenced (a leak, as in qemu)
+        plan.linked = true;
+        this.pendingLinks.delete(plan);
+      }
     }
   }
 
@@ -663,6 +789,7 @@ export class Qcow2Node implements BlockNode {
 
   /** waits for in-place data writes that may target clusters about to be freed or shared */
   async drainFastWrites(): Promise<void> {
+    await this.settlePendingAllocs();
     while (this.fastWrites.size) await Promise.allSettled([...this.fastWrites]);
   }
 
