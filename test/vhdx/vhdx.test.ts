@@ -165,6 +165,49 @@ t.test('a log entry with a bad checksum or another guid is ignored', async (t) =
   t.ok(v.subarray(2 * MiB, 3 * MiB).every((x) => x === 0), 'invalid entry not replayed');
 });
 
+t.test('a log zeroing terabytes past the end of the file is replayed without writing them', async (t) => {
+  const dir = tmpdir(t);
+  const img = path.join(dir, 'z.vhdx');
+  qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', img, '8M');
+  qemuIo(img, ['write -P 0x21 0 64k'], ['-f', 'vhdx']);
+  const buf = fs.readFileSync(img);
+  const size = buf.length;
+  const logGuid = newGuid();
+  const e = Buffer.alloc(4096);
+  e.write('loge', 0, 'latin1');
+  e.writeUInt32LE(4096, 8);
+  e.writeBigUInt64LE(1n, 16);
+  e.writeUInt32LE(1, 24);
+  logGuid.copy(e, 32);
+  e.writeBigUInt64LE(BigInt(size), 48);
+  e.writeBigUInt64LE(BigInt(size), 56);
+  e.write('zero', 64, 'latin1');
+  e.writeBigUInt64LE(1n << 40n, 64 + 8);
+  e.writeBigUInt64LE(BigInt(size), 64 + 16);
+  e.writeBigUInt64LE(1n, 64 + 24);
+  e.writeUInt32LE(checksum(e), 4);
+  const h = parseHeader(buf.subarray(HEADER1, HEADER1 + 4096))!;
+  e.copy(buf, h.logOffset);
+  bumpHeader(buf, (x) => { x.logGuid = logGuid; });
+  fs.writeFileSync(img, buf);
+  const ref = qemuRaw(dir, base0(dir), ['-f', 'vhdx']);
+  t.not(qemuImgStatus('info', '-f', 'vhdx', img).code, 0, 'qemu sees a valid log to replay');
+  const rep = await checkImage(img, { format: 'vhdx' }, 'none');
+  t.ok(rep.result!.corruptions > 0, 'we see it too');
+  const n = await openImage(img, { format: 'vhdx' });
+  await n.close();
+  t.ok(fs.statSync(img).size <= size + MiB, 'file not grown by the zero descriptor');
+  t.equal(qemuImgStatus('check', '-f', 'vhdx', img).code, 0, 'qemu-img check clean after replay');
+  t.equal(firstDiff(qemuRaw(dir, img, ['-f', 'vhdx']), ref), -1, 'data unchanged');
+});
+
+function base0(dir: string): string {
+  const f = path.join(dir, 'base0.vhdx');
+  qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', f, '8M');
+  qemuIo(f, ['write -P 0x21 0 64k'], ['-f', 'vhdx']);
+  return f;
+}
+
 t.test('hostile images give kind image', async (t) => {
   const dir = tmpdir(t);
   const base = path.join(dir, 'base.vhdx');

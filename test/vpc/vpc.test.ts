@@ -177,6 +177,7 @@ t.test('hostile images give kind image', async (t) => {
     'huge BAT': (b) => { b.writeUInt32BE(0xfffffff0, 512 + 28); b.writeUInt32BE(512, 512 + 32); return b; },
     'BAT beyond EOF': (b) => { b.writeBigUInt64BE(1n << 40n, 512 + 16); return b; },
     'block beyond EOF': (b) => { b.writeUInt32BE(0x7ffffff0, 1536); return b; },
+    'block over the BAT': (b) => { b.writeUInt32BE(3, 1536); return b; },
     'dynamic header beyond EOF': (b) => { setFooter(b, 0, (f) => f.writeBigUInt64BE(1n << 50n, 16)); return b; },
     'no cxsparse': (b) => { b.write('xxxxxxxx', 512, 'latin1'); return b; },
     'size too large': (b) => { setFooter(b, 0, (f) => { f.write('win ', 28, 'latin1'); f.writeBigUInt64BE(1n << 52n, 48); }); return b; },

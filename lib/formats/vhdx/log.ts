@@ -114,16 +114,21 @@ export async function replayToFile(file: BlockNode, seq: LogSequence): Promise<v
   for (const op of seq.ops) {
     if (op.data) await file.write!(op.data, op.offset);
     else {
-      for (let o = 0; o < op.length; o += MiB) {
-        const n = Math.min(MiB, op.length - o);
+      // zeroing past the end of the file is a no-op (it reads as zeros; the file is extended
+      // sparsely below): a hostile length cannot make us write terabytes
+      const len = Math.max(0, Math.min(op.length, file.size - op.offset));
+      for (let o = 0; o < len; o += MiB) {
+        const n = Math.min(MiB, len - o);
         if (file.writeZeroes && op.offset + o + n <= file.size) await file.writeZeroes(op.offset + o, n);
         else await file.write!(Buffer.alloc(n), op.offset + o);
       }
     }
   }
-  if (file.size < seq.lastFileOffset) {
+  let reach = seq.lastFileOffset;
+  for (const o of seq.ops) if (o.data && o.offset + o.length > reach) reach = o.offset + o.length;
+  if (file.size < reach) {
     if (!file.truncate) throw new ImgError('unsupported', 'vhdx: cannot extend the file to replay the log');
-    await file.truncate(Math.ceil(seq.lastFileOffset / MiB) * MiB);
+    await file.truncate(Math.ceil(reach / MiB) * MiB);
   }
   await file.flush?.();
 }

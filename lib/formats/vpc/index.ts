@@ -320,7 +320,12 @@ export async function openVpc(file: BlockNode, ctx: OpenContext): Promise<VpcNod
     const e = raw.readUInt32BE(i * 4);
     bat[i] = e;
     if (e !== BAT_UNUSED) {
-      const end = e * 512 + bitmapSize + blockSize;
+      const start = e * 512;
+      const end = start + bitmapSize + blockSize;
+      // a block over the footer copy, the dynamic header or the BAT would let writes corrupt them
+      for (const [s0, l] of [[0, FOOTER_SIZE], [footer.dataOffset, DYN_HEADER_SIZE], [batOffset, entries * 4]]) {
+        if (start < s0 + l && s0 < end) throw new ImgError('image', `vpc: block ${i} overlaps the image metadata`);
+      }
       if (end > free) free = end;
     }
   }
