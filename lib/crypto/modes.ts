@@ -54,6 +54,45 @@ export function modeString(s: SectorCipherSpec): string {
   return `${s.mode}-${s.ivgen}${s.ivgen === 'essiv' ? `:${s.ivHash}` : ''}`;
 }
 
+// The hot loops live in small functions of their own so V8 optimises each one monomorphically.
+
+/** X = C ^ T for every block, T the block's tweak: the sector's first tweak (t0) times alpha^j.
+ *  Called twice per request (before and after the ECB pass): recomputing the tweaks is cheaper
+ *  than storing and reloading them. dst may be C. */
+function xtsXor(t0: Int32Array, dst: Int32Array, C: Int32Array, n: number, bps: number): void {
+  let p = 0;
+  for (let i = 0; i < n; i++) {
+    let w0 = t0[4 * i], w1 = t0[4 * i + 1], w2 = t0[4 * i + 2], w3 = t0[4 * i + 3];
+    for (let j = 0; j < bps; j++) {
+      dst[p] = C[p] ^ w0; dst[p + 1] = C[p + 1] ^ w1; dst[p + 2] = C[p + 2] ^ w2; dst[p + 3] = C[p + 3] ^ w3;
+      p += 4;
+      const carry = w3 >> 31; // 0 or -1: the bit shifted out of the 128-bit tweak
+      w3 = (w3 << 1) | (w2 >>> 31);
+      w2 = (w2 << 1) | (w1 >>> 31);
+      w1 = (w1 << 1) | (w0 >>> 31);
+      w0 = (w0 << 1) ^ (carry & 0x87);
+    }
+  }
+}
+
+/** an Int32Array over the bytes: a view when aligned, else an aligned copy */
+function aligned32(b: Uint8Array): Int32Array {
+  if ((b.byteOffset & 3) === 0) return new Int32Array(b.buffer, b.byteOffset, b.length >> 2);
+  const c = new Int32Array(b.length >> 2);
+  new Uint8Array(c.buffer).set(b);
+  return c;
+}
+
+/** a reusable scratch array (grown on demand, capped so a huge request does not pin memory) */
+const SCRATCH_KEEP = 8 << 20;
+const scratchBufs: Int32Array[] = [new Int32Array(0)];
+function scratch(i: number, words: number): Int32Array {
+  if (scratchBufs[i].length >= words) return scratchBufs[i].length === words ? scratchBufs[i] : scratchBufs[i].subarray(0, words);
+  const a = new Int32Array(words);
+  if (words * 4 <= SCRATCH_KEEP) scratchBufs[i] = a;
+  return a;
+}
+
 /** XOR src into dst (same length). */
 export function xorInto(dst: Uint8Array, src: Uint8Array): void {
   const n = dst.length;
@@ -101,30 +140,26 @@ export class SectorCipher {
     return this.essiv ? this.essiv.ecbEncrypt(iv) : iv;
   }
 
-  /** the XTS tweak of every 16-byte block of n sectors (one ECB call for all of them) */
-  private tweaks(sector: number, n: number): Uint8Array {
+  /** XTS over a run of sectors with three passes over the data: (1) tweaks of every block,
+   *  expanded from E_K2(IV) by multiplication with alpha, fused with X = data ^ T; (2) one ECB
+   *  call on X; (3) data = ECB(X) ^ T written straight back into the caller's buffer. */
+  private xts(buf: Uint8Array, sector: number, n: number, enc: boolean): void {
     const bps = this.sectorSize / 16;
-    const t0 = (this.c2 as BlockCipher).ecbEncrypt(this.ivs(sector, n));
-    const tw = new Uint8Array(n * this.sectorSize);
-    const w = new Int32Array(tw.buffer);
-    const s = new Uint8Array(16);
-    const sw = new Int32Array(s.buffer);
-    for (let i = 0; i < n; i++) {
-      s.set(t0.subarray(i * 16, i * 16 + 16));
-      let w0 = sw[0], w1 = sw[1], w2 = sw[2], w3 = sw[3];
-      let p = i * bps * 4;
-      w[p] = w0; w[p + 1] = w1; w[p + 2] = w2; w[p + 3] = w3;
-      for (let j = 1; j < bps; j++) {
-        const carry = w3 >>> 31;
-        w3 = (w3 << 1) | (w2 >>> 31);
-        w2 = (w2 << 1) | (w1 >>> 31);
-        w1 = (w1 << 1) | (w0 >>> 31);
-        w0 = (w0 << 1) ^ (carry * 0x87);
-        p += 4;
-        w[p] = w0; w[p + 1] = w1; w[p + 2] = w2; w[p + 3] = w3;
-      }
+    const words = buf.length >> 2;
+    const t0b = (this.c2 as BlockCipher).ecbEncrypt(this.ivs(sector, n));
+    const t0 = aligned32(t0b);
+    const X = scratch(0, words);
+    const direct = (buf.byteOffset & 3) === 0;
+    const C = direct ? new Int32Array(buf.buffer, buf.byteOffset, words) : aligned32(buf);
+    xtsXor(t0, X, C, n, bps);
+    const xb = new Uint8Array(X.buffer, X.byteOffset, buf.length);
+    const yb = enc ? this.c1.ecbEncrypt(xb) : this.c1.ecbDecrypt(xb);
+    const Y = aligned32(yb);
+    if (direct) xtsXor(t0, C, Y, n, bps);
+    else {
+      xtsXor(t0, Y, Y, n, bps);
+      buf.set(new Uint8Array(Y.buffer, Y.byteOffset, buf.length));
     }
-    return tw;
   }
 
   /** CTR keystream: block j of a sector is E(IV + j), the IV a 128-bit big-endian counter */
@@ -154,28 +189,24 @@ export class SectorCipher {
     const n = this.check(buf, sector);
     if (n === 0) return;
     switch (this.spec.mode) {
-      case 'xts': {
-        const tw = this.tweaks(sector, n);
-        xorInto(tw, buf); // tw = C ^ T
-        const p = this.c1.ecbDecrypt(tw);
-        // p ^= T: recompute T cheaply as (C ^ T) ^ C
-        xorInto(tw, buf); // tw = T again
-        xorInto(p, tw);
-        buf.set(p);
-        return;
-      }
+      case 'xts': this.xts(buf, sector, n, false); return;
       case 'cbc': {
-        const p = this.c1.ecbDecrypt(buf);
-        const iv = this.ivs(sector, n);
-        const ss = this.sectorSize;
-        // previous ciphertext block for every block: IV at sector starts
-        const prev = Buffer.allocUnsafe(buf.length);
-        for (let i = 0; i < n; i++) {
-          prev.set(iv.subarray(i * 16, i * 16 + 16), i * ss);
-          prev.set(buf.subarray(i * ss, i * ss + ss - 16), i * ss + 16);
+        // P_i = D(C_i) ^ C_(i-1), the IV at sector starts; backwards so C_(i-1) is still there
+        const iv = aligned32(this.ivs(sector, n));
+        const D = aligned32(this.c1.ecbDecrypt(buf));
+        const direct = (buf.byteOffset & 3) === 0;
+        const B = direct ? new Int32Array(buf.buffer, buf.byteOffset, buf.length >> 2) : aligned32(buf);
+        const wps = this.sectorSize >> 2;
+        for (let i = B.length - 4; i >= 0; i -= 4) {
+          const inSector = i % wps;
+          if (inSector === 0) {
+            const v = (i / wps) * 4;
+            B[i] = D[i] ^ iv[v]; B[i + 1] = D[i + 1] ^ iv[v + 1]; B[i + 2] = D[i + 2] ^ iv[v + 2]; B[i + 3] = D[i + 3] ^ iv[v + 3];
+          } else {
+            B[i] = D[i] ^ B[i - 4]; B[i + 1] = D[i + 1] ^ B[i - 3]; B[i + 2] = D[i + 2] ^ B[i - 2]; B[i + 3] = D[i + 3] ^ B[i - 1];
+          }
         }
-        xorInto(p, prev);
-        buf.set(p);
+        if (!direct) buf.set(new Uint8Array(B.buffer, B.byteOffset, buf.length));
         return;
       }
       case 'ecb': buf.set(this.c1.ecbDecrypt(buf)); return;
@@ -188,15 +219,7 @@ export class SectorCipher {
     const n = this.check(buf, sector);
     if (n === 0) return;
     switch (this.spec.mode) {
-      case 'xts': {
-        const tw = this.tweaks(sector, n);
-        xorInto(tw, buf);
-        const c = this.c1.ecbEncrypt(tw);
-        xorInto(tw, buf);
-        xorInto(c, tw);
-        buf.set(c);
-        return;
-      }
+      case 'xts': this.xts(buf, sector, n, true); return;
       case 'cbc': {
         const iv = this.ivs(sector, n);
         const ss = this.sectorSize;
