@@ -3,7 +3,7 @@
 // across the four 32-bit words, and the linear transformation; the key schedule pads short keys
 // with a single 1 bit, expands with the golden-ratio recurrence and passes the prekeys through
 // the S-boxes. Words are little-endian (the byte order of libgcrypt, nettle, Linux and qemu).
-// The S-boxes are applied through per-round 16-entry tables on bit columns (simple, not fast).
+// The S-boxes work on four bit columns at a time through 64 Ki-entry tables (built on first use).
 import type { RawBlockCipher } from './cipher';
 
 const SBOX = [
@@ -20,13 +20,32 @@ const INV = SBOX.map((s) => { const r = new Array<number>(16); s.forEach((v, i) 
 
 type Words = Int32Array;
 
+/** 16-bit tables: 4 bit columns at once (4 bits of each word in, 4 bits of each word out) */
+const tables = new Map<number[], Uint16Array>();
+function tableOf(box: number[]): Uint16Array {
+  let t = tables.get(box);
+  if (t) return t;
+  t = new Uint16Array(65536);
+  for (let idx = 0; idx < 65536; idx++) {
+    let v = 0;
+    for (let c = 0; c < 4; c++) {
+      const nib = ((idx >>> c) & 1) | (((idx >>> (4 + c)) & 1) << 1) | (((idx >>> (8 + c)) & 1) << 2) | (((idx >>> (12 + c)) & 1) << 3);
+      const o = box[nib];
+      v |= ((o & 1) << c) | (((o >>> 1) & 1) << (4 + c)) | (((o >>> 2) & 1) << (8 + c)) | (((o >>> 3) & 1) << (12 + c));
+    }
+    t[idx] = v;
+  }
+  tables.set(box, t);
+  return t;
+}
+
 function applySbox(box: number[], w: Words): void {
+  const t = tableOf(box);
   let o0 = 0, o1 = 0, o2 = 0, o3 = 0;
   const x0 = w[0], x1 = w[1], x2 = w[2], x3 = w[3];
-  for (let i = 0; i < 32; i++) {
-    const n = ((x0 >>> i) & 1) | (((x1 >>> i) & 1) << 1) | (((x2 >>> i) & 1) << 2) | (((x3 >>> i) & 1) << 3);
-    const v = box[n];
-    o0 |= (v & 1) << i; o1 |= ((v >>> 1) & 1) << i; o2 |= ((v >>> 2) & 1) << i; o3 |= ((v >>> 3) & 1) << i;
+  for (let s = 0; s < 32; s += 4) {
+    const v = t[((x0 >>> s) & 15) | (((x1 >>> s) & 15) << 4) | (((x2 >>> s) & 15) << 8) | (((x3 >>> s) & 15) << 12)];
+    o0 |= (v & 15) << s; o1 |= ((v >>> 4) & 15) << s; o2 |= ((v >>> 8) & 15) << s; o3 |= (v >>> 12) << s;
   }
   w[0] = o0; w[1] = o1; w[2] = o2; w[3] = o3;
 }
