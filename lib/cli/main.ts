@@ -246,5 +246,6 @@ export async function main(argv: string[]): Promise<number> {
 }
 
 if (require.main === module) {
+  process.env.UV_THREADPOOL_SIZE ??= '16';
   void main(process.argv.slice(2)).then((code) => { process.exitCode = code; });
 }

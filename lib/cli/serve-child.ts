@@ -1,5 +1,9 @@
 // Entry of the background mount server: configuration (secrets included) arrives on stdin,
 // never in argv; readiness or the error goes back on fd 3.
+
+// Format I/O that JavaScript serves goes through libuv's pool; requests in flight overlap
+// only as far as it has threads (set before the pool's first use).
+process.env.UV_THREADPOOL_SIZE ??= '16';
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import { loadNative, MNT_DETACH } from '../core/native';

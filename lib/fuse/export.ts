@@ -152,7 +152,8 @@ export class FuseExport {
   private invalidate(file: number, offset: number, length: number): void {
     const s = this.files[file];
     s.generation++;
-    s.learnt.clear();
+    // only the spans the change touches need learning again
+    for (let sp = Math.floor(offset / LEARN_SPAN); sp * LEARN_SPAN < offset + Math.max(1, length); sp++) s.learnt.delete(sp);
     if (this.srv) this.nat.invalidate(this.srv, file, offset, length);
   }
 
@@ -200,7 +201,8 @@ export class FuseExport {
           this.reply(r.id, 0, len);
           s.dirtyBlocks = true;
           this.scheduleBlocks();
-          this.learn(r.file, r.offset, len).catch((e) => debug('learn: %s', (e as Error).message));
+          // map just what was written, so overwrites of it take the native path
+          if (len) this.mapRange(r.file, r.offset, r.offset + len, 64).catch((e) => debug('learn: %s', (e as Error).message));
           return;
         }
         case 'fsync':
@@ -268,7 +270,7 @@ export class FuseExport {
   private async learn(file: number, offset: number, length: number): Promise<void> {
     const s = this.files[file];
     const span = Math.floor(offset / LEARN_SPAN);
-    if (s.learnt.has(span) || offset + length > (span + 1) * LEARN_SPAN) return;
+    if (s.learnt.has(span)) return;
     s.learnt.add(span);
     const start = span * LEARN_SPAN;
     const end = Math.min(s.f.node.size, start + LEARN_SPAN);
