@@ -7,7 +7,8 @@ import { readBacking } from '../../core/io';
 import type { BlockNode, CreateContext, Extent, FormatDriver, MapInvalidator, OpenContext, Preallocation, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
 import { createFile, FileNode } from '../../protocols/file';
-import { Mutex, TableCache } from '../qcow2/util';
+import { Mutex } from '../qcow2/util';
+import { PageCache } from '../qed/pagecache';
 import { fullBackingName } from '../qcow2/node';
 
 const MAGIC = 0x514649fb;
@@ -63,7 +64,7 @@ export class QcowNode implements BlockNode {
   readonly l2Bytes: number;
   readonly size: number;
   private fileEnd: number;
-  private cache = new TableCache(CACHE_BYTES);
+  private cache = new PageCache(CACHE_BYTES);
   private mutex = new Mutex();
   private closed = false;
   private fd: number | null;
@@ -226,14 +227,11 @@ export class QcowNode implements BlockNode {
     const host = this.alignEnd();
     this.fileEnd += end - start;
     await this.file.write!(data, host);
-    const t = await this.l2(l2off);
     const first = ci % this.l2Entries;
     const upd = Buffer.alloc(kinds.length * 8);
-    for (let k = 0; k < kinds.length; k++) {
-      upd.writeBigUInt64BE(BigInt(host + k * cs), k * 8);
-      t.writeBigUInt64BE(BigInt(host + k * cs), (first + k) * 8);
-    }
+    for (let k = 0; k < kinds.length; k++) upd.writeBigUInt64BE(BigInt(host + k * cs), k * 8);
     await this.file.write!(upd, l2off + first * 8);
+    this.cache.update(l2off, (t) => upd.copy(t, first * 8));
     return consumed;
   }
 

@@ -7,7 +7,8 @@ import type {
 } from '../../core/node';
 import { OptionReader } from '../../core/options';
 import { createFile, FileNode } from '../../protocols/file';
-import { Mutex, TableCache } from '../qcow2/util';
+import { Mutex } from '../qcow2/util';
+import { PageCache } from './pagecache';
 import { fullBackingName } from '../qcow2/node';
 
 const MAGIC = 0x00444551; // 'QED\0' little-endian
@@ -97,7 +98,7 @@ export class QedNode implements BlockNode {
   readonly nelems: number;
   readonly tableBytes: number;
   fileSize: number;
-  private cache = new TableCache(CACHE_BYTES);
+  private cache = new PageCache(CACHE_BYTES);
   private mutex = new Mutex();
   private closed = false;
   private fd: number | null;
@@ -134,15 +135,14 @@ export class QedNode implements BlockNode {
   async setEntries(table: number, i: number, values: number[]): Promise<void> {
     const b = Buffer.alloc(values.length * 8);
     values.forEach((v, k) => b.writeBigUInt64LE(BigInt(v), k * 8));
-    // update cached pages, then write through
+    await this.file.write!(b, table + i * 8);
+    // then the cached pages (write-through)
     const pageLen = Math.min(PAGE, this.tableBytes);
     for (let k = 0; k < values.length; k++) {
       const byte = (i + k) * 8;
       const pageStart = Math.floor(byte / pageLen) * pageLen;
-      const page = this.cache.get(table + pageStart);
-      if (page) page.writeBigUInt64LE(BigInt(values[k]), byte - pageStart);
+      this.cache.update(table + pageStart, (page) => page.writeBigUInt64LE(BigInt(values[k]), byte - pageStart));
     }
-    await this.file.write!(b, table + i * 8);
   }
 
   async lookup(pos: number): Promise<Lookup> {
