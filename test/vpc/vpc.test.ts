@@ -98,6 +98,31 @@ for (const sub of ['dynamic', 'fixed'] as const) {
   });
 }
 
+t.test('a block whose sector bitmap is partial (other VHD writers): read as qemu, bitmap filled on write', async (t) => {
+  const dir = tmpdir(t);
+  const img = path.join(dir, 'b.vpc');
+  qemuImg('create', '-q', '-f', 'vpc', img, '6M');
+  qemuIo(img, ['write -P 0x31 0 1M'], ['-f', 'vpc']);
+  const buf = fs.readFileSync(img);
+  const blk = buf.readUInt32BE(1536) * 512;
+  buf.fill(0, blk, blk + 512); // bitmap: no sector marked present
+  buf.fill(0x0f, blk, blk + 16);
+  fs.writeFileSync(img, buf);
+  const ref = qemuRaw(dir, img, ['-f', 'vpc']);
+  t.equal(firstDiff(await ourView(img, { format: 'vpc' }), ref), -1, 'read as qemu reads (bitmap ignored)');
+  const n = await openImage(img, { format: 'vpc' });
+  const st = await n.blockStatus(0, 4096);
+  t.equal(st.state, 'data');
+  t.equal(st.host?.writable, false, 'fast-path overwrite not allowed while the bitmap is partial');
+  await writeAt(n, Buffer.alloc(100, 0x99), 5000);
+  t.equal((await n.blockStatus(0, 4096)).host?.writable, true, 'writable once the bitmap is full');
+  await n.close();
+  const after = fs.readFileSync(img);
+  t.ok(after.subarray(blk, blk + 512).every((x) => x === 0xff), 'bitmap marks every sector present');
+  ref.fill(0x99, 5000, 5100);
+  t.equal(firstDiff(qemuRaw(dir, img, ['-f', 'vpc']), ref), -1, 'qemu reads the result');
+});
+
 t.test('convert both ways', async (t) => {
   const dir = tmpdir(t);
   const raw = path.join(dir, 'src.raw');
