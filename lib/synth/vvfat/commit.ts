@@ -124,7 +124,7 @@ class Parser {
     while (i < chain.length) {
       let j = i + 1;
       while (j < chain.length && chain[j] === chain[j - 1] + 1 && (j - i) * this.cs < (1 << 20)) j++;
-      await this.node.read(buf.subarray(i * this.cs, j * this.cs), this.node.clusterOffset(chain[i]));
+      await this.node.readView(buf.subarray(i * this.cs, j * this.cs), this.node.clusterOffset(chain[i]));
       i = j;
     }
     return buf;
@@ -135,7 +135,7 @@ class Parser {
     const where = `'/${dir.rel}'`;
     if (isRoot && this.g.fatType !== 32) {
       data = Buffer.alloc(this.g.rootSectors * SECTOR);
-      await this.node.read(data, (this.g.partStart + this.g.reserved + 2 * this.g.spf) * SECTOR);
+      await this.node.readView(data, (this.g.partStart + this.g.reserved + 2 * this.g.spf) * SECTOR);
     } else {
       const chain = this.chain(dir.cluster, Math.ceil(MAX_DIR_BYTES / this.cs), `directory ${where}`);
       dir.chain = chain;
@@ -233,7 +233,7 @@ async function parseGuest(node: VvfatNode): Promise<{ root: GDir; parser: Parser
   const g = node.geo;
   // the boot sector must still describe our geometry
   const boot = Buffer.alloc(SECTOR);
-  await node.read(boot, g.partStart * SECTOR);
+  await node.readView(boot, g.partStart * SECTOR);
   const ours = Buffer.alloc(SECTOR);
   await node.readBase(ours, g.partStart * SECTOR);
   const cmpEnd = g.fatType === 32 ? 0x30 : 0x24;
@@ -241,7 +241,7 @@ async function parseGuest(node: VvfatNode): Promise<{ root: GDir; parser: Parser
     throw bad('the boot sector no longer describes the virtual disk (was it reformatted?)');
   }
   const fat = Buffer.alloc(g.spf * SECTOR);
-  await node.read(fat, (g.partStart + g.reserved) * SECTOR);
+  await node.readView(fat, (g.partStart + g.reserved) * SECTOR);
   const parser = new Parser(node, fat);
   const root: GDir = { name: '', rel: '', cluster: g.fatType === 32 ? node.layout.root.cluster : 0, chain: [], dirs: [], files: [] };
   const queue: Array<{ dir: GDir; parent: number; isRoot: boolean }> = [{ dir: root, parent: 0, isRoot: true }];
@@ -367,7 +367,7 @@ export async function commit(node: VvfatNode): Promise<void> {
         if (!src || !dying.has(src.file)) continue;
         const buf = Buffer.alloc(node.cs);
         const off = node.clusterOffset(c);
-        await node.read(buf, off);
+        await node.readView(buf, off);
         for (let k = 0; k < node.geo.spc; k++) node.overlay.set(off / SECTOR + k, Buffer.from(buf.subarray(k * SECTOR, (k + 1) * SECTOR)));
       }
     }
@@ -524,7 +524,7 @@ async function writeContent(node: VvfatNode, f: GFile, tmp: string, mode: number
       let j = i + 1;
       while (j < f.chain.length && f.chain[j] === f.chain[j - 1] + 1 && (j - i) * cs < (1 << 20)) j++;
       const buf = Buffer.alloc((j - i) * cs);
-      await node.read(buf, node.clusterOffset(f.chain[i]));
+      await node.readView(buf, node.clusterOffset(f.chain[i]));
       const n = Math.min(buf.length, f.size - written);
       await fh.write(buf, 0, n, written);
       written += n;

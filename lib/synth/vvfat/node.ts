@@ -54,6 +54,7 @@ export class VvfatNode implements BlockNode {
   baseline!: Baseline;
   private fds = new Map<HostFile, CachedFd>();
   private closed = false;
+  private committing: Promise<void> | null = null;
 
   constructor(readonly root: string, readonly layout: Layout, readOnly: boolean, readonly label: string) {
     this.geo = layout.geo;
@@ -75,6 +76,13 @@ export class VvfatNode implements BlockNode {
   }
 
   async read(buf: Uint8Array, offset: number): Promise<void> {
+    // host files move while a commit runs: guest reads wait for it
+    while (this.committing) await this.committing.catch(() => undefined);
+    return this.readView(buf, offset);
+  }
+
+  /** base + overlay, without waiting for a commit (the commit itself reads through this) */
+  async readView(buf: Uint8Array, offset: number): Promise<void> {
     await this.readBase(buf, offset);
     if (this.overlay.size) this.patchOverlay(buf, offset);
   }
@@ -306,14 +314,21 @@ export class VvfatNode implements BlockNode {
   async write(buf: Uint8Array, offset: number, _flags?: WriteFlags): Promise<void> {
     if (this.readOnly) throw new ImgError('readonly', 'vvfat: the virtual FAT disk is read-only (use fat:rw:)');
     await this.mutex.lock(async () => {
+      // only sectors that differ from the synthesized disk are kept: an unchanged sector
+      // written back (a guest rewriting a whole page) must not turn its file into a copy
+      const base = Buffer.alloc(buf.length);
+      await this.readBase(base, offset);
       for (let p = 0; p < buf.length; p += SECTOR) {
         const s = (offset + p) / SECTOR;
         const chunk = buf.subarray(p, p + SECTOR);
         const cur = this.overlay.get(s);
-        if (cur) cur.set(chunk);
-        else this.overlay.set(s, Buffer.from(chunk));
+        if (Buffer.compare(chunk, base.subarray(p, p + SECTOR)) === 0) {
+          if (cur) { this.overlay.delete(s); this.dirty = true; }
+          continue;
+        }
+        if (cur) { if (!cur.equals(chunk)) { cur.set(chunk); this.dirty = true; } }
+        else { this.overlay.set(s, Buffer.from(chunk)); this.dirty = true; }
       }
-      this.dirty = true;
     });
   }
 
@@ -329,7 +344,9 @@ export class VvfatNode implements BlockNode {
     await this.mutex.lock(async () => {
       if (!this.dirty) return;
       const { commit } = await import('./commit');
-      await commit(this);
+      const p = commit(this);
+      this.committing = p;
+      try { await p; } finally { this.committing = null; }
     });
   }
 
