@@ -77,3 +77,22 @@ for (const opts of VARIANTS) {
   });
 }
 
+
+t.test('concurrent writes to distinct ranges (allocations race)', async (t) => {
+  const dir = tmpdir(t);
+  const img = path.join(dir, 'c.vhdx');
+  qemuImg('create', '-q', '-f', 'vhdx', '-o', 'block_size=1M', img, '16M');
+  const node = await openImage(img, { format: 'vhdx' });
+  const ref = Buffer.alloc(node.size);
+  const jobs: Promise<void>[] = [];
+  for (let i = 0; i < 64; i++) {
+    const off = i * 256 * 1024 + 1000;
+    const b = Buffer.alloc(100000, (i % 250) + 1);
+    b.copy(ref, off);
+    jobs.push(writeAt(node, b, off));
+  }
+  await Promise.all(jobs);
+  await node.close();
+  t.equal(qemuImgStatus('check', '-f', 'vhdx', img).code, 0, 'qemu-img check clean');
+  t.equal(firstDiff(qemuRaw(dir, img, ['-f', 'vhdx']), ref), -1, 'qemu reads every write');
+});

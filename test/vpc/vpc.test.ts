@@ -226,3 +226,23 @@ t.test('hostile images give kind image', async (t) => {
   fs.writeFileSync(fixedTrunc, Buffer.concat([fb.subarray(0, 1024 * 1024), fb.subarray(fb.length - 512)]));
   t.equal(await errKind(openImage(fixedTrunc, { format: 'vpc', readOnly: true })), 'image', 'fixed image shorter than its size');
 });
+
+t.test('concurrent writes to distinct ranges (allocations race)', async (t) => {
+  const dir = tmpdir(t);
+  const img = path.join(dir, 'c.vpc');
+  qemuImg('create', '-q', '-f', 'vpc', img, '16M');
+  const node = await openImage(img, { format: 'vpc' });
+  const ref = Buffer.alloc(node.size);
+  const jobs: Promise<void>[] = [];
+  for (let i = 0; i < 64; i++) {
+    const off = i * 256 * 1024 + 1000;
+    const b = Buffer.alloc(100000, (i % 250) + 1);
+    b.copy(ref, off);
+    jobs.push(writeAt(node, b, off));
+  }
+  await Promise.all(jobs);
+  await node.close();
+  t.equal(firstDiff(qemuRaw(dir, img, ['-f', 'vpc']), ref), -1, 'qemu reads every write');
+  const buf = fs.readFileSync(img);
+  t.same(buf.subarray(buf.length - 512), buf.subarray(0, 512), 'footer at the end');
+});
