@@ -70,8 +70,10 @@ export function checkHuman(rep: CheckReport): string {
     if (r.checkErrors) lines.push(`\n${r.checkErrors} internal errors have occurred during the check.`);
   }
   if (r.totalClusters && r.allocatedClusters !== undefined) {
-    const pct = (n: number): string => ((n * 100) / r.totalClusters!).toFixed(2);
-    lines.push(`${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters)}% allocated, ${pct(r.fragmentedClusters ?? 0)}% fragmented, ${pct(r.compressedClusters ?? 0)}% compressed clusters`);
+    // as qemu-img: fragmented and compressed are shares of the allocated clusters
+    const pct = (n: number, of: number): string => (of ? (n * 100) / of : 0).toFixed(2);
+    const a = r.allocatedClusters;
+    lines.push(`${a}/${r.totalClusters} = ${pct(a, r.totalClusters)}% allocated, ${pct(r.fragmentedClusters ?? 0, a)}% fragmented, ${pct(r.compressedClusters ?? 0, a)}% compressed clusters`);
   }
   if (r.imageEndOffset !== undefined) lines.push(`Image end offset: ${r.imageEndOffset}`);
   return lines.join('\n');

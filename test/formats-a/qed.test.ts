@@ -4,7 +4,7 @@ import path from 'node:path';
 import { openImage } from '../../lib/core/graph';
 import { readAt, writeAt, writeZeroesAt } from '../../lib/core/io';
 import {
-  assertContents, errKind, cli, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuRaw,
+  assertContents, errKind, cli, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
   qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le, u64le,
 } from './helpers';
 
@@ -167,6 +167,9 @@ t.test('check: exit codes and json as qemu-img', async (t) => {
   patch(img, l2 + 8, u64le(BigInt(l2 + 100)));
   t.equal(qemuCheck(img).code, 2, 'qemu: corruption exit 2');
   t.equal((await cli(['check', img])).code, 2, 'ours: corruption exit 2');
+  const qj = qemuImgStatus('check', '--output', 'json', img);
+  const oj = await cli(['check', '--output', 'json', img]);
+  t.same(JSON.parse(oj.stdout), JSON.parse(qj.out), 'check json of a corrupt image equals qemu-img');
   const rep = (await cli(['check', '-r', 'all', img]));
   t.equal(rep.code, 3, `repair leaves only the leaks (as qemu, which cannot free clusters): ${rep.stdout}${rep.stderr}`);
 });

@@ -415,7 +415,6 @@ export class QedNode implements BlockNode {
     res.totalClusters = Math.ceil(this.size / cs);
     let allocated = 0;
     let fragmented = 0;
-    let lastData = -1;
     mark(this.hdr.l1Offset, this.hdr.tableSize);
     const l2s: Array<[number, number]> = [];
     const badL1: number[] = [];
@@ -430,18 +429,19 @@ export class QedNode implements BlockNode {
     for (const [, l2] of l2s) {
       if (!mark(l2, this.hdr.tableSize)) continue;
       const badL2: number[] = [];
+      let last = 0; // as qemu: fragmentation is counted within each L2 table, valid or not
       await this.scanTable(l2, (j, v) => {
         if (v === BigInt(ZERO_CLUSTER)) return;
         const e = v > big ? -1 : Number(v);
+        allocated++;
+        if (last && last + cs !== e) fragmented++;
+        last = e;
         if (e < 0 || !this.validCluster(e)) {
           res.messages.push(`ERROR: invalid cluster offset 0x${v.toString(16)} in L2 table 0x${l2.toString(16)} entry ${j}`);
           res.corruptions++;
           badL2.push(j);
           return;
         }
-        allocated++;
-        if (lastData >= 0 && e !== lastData + cs) fragmented++;
-        lastData = e;
         mark(e, 1);
       });
       if (fix) for (const j of badL2) { await this.setEntries(l2, j, [0]); res.corruptionsFixed++; }
