@@ -6,7 +6,7 @@ import t from 'tap';
 import { openImage } from '../../lib/core/graph';
 import { blockStatusAt, readAt, writeAt } from '../../lib/core/io';
 import { ImgError } from '../../lib/core/errors';
-import { isWritableVvfat, parseFatSpec } from '../../lib/synth/vvfat';
+import { isWritableVvfat, parseFatSpec, vvfatRwRequested } from '../../lib/synth/vvfat';
 import { hasCommand, imgmount, run, tmpdir } from '../helpers';
 import { diffTrees, dumpNode, extract, failure, fsck, mt, img, peersMissing, sampleTree } from './helpers';
 
@@ -16,6 +16,12 @@ t.test('fat: spec parsing uses qemu option names', async (t) => {
   t.same(parseFatSpec('fat:/x/y'), { driver: 'vvfat', dir: '/x/y' });
   t.same(parseFatSpec('fat:floppy:rw:12:/d'), { driver: 'vvfat', floppy: 'on', rw: 'on', 'fat-type': '12', dir: '/d' });
   t.same(parseFatSpec('fat:32:rw:rel/dir:with:colons'), { driver: 'vvfat', 'fat-type': '32', rw: 'on', dir: 'rel/dir:with:colons' });
+  t.equal(vvfatRwRequested('fat:rw:/d'), true);
+  t.equal(vvfatRwRequested('fat:floppy:12:/d'), false);
+  t.equal(vvfatRwRequested('json:{"driver":"vvfat","dir":"/d","rw":true}'), true);
+  t.equal(vvfatRwRequested('driver=vvfat,dir=/d,rw=on', { imageOpts: true }), true);
+  t.equal(vvfatRwRequested('driver=vvfat,dir=/d', { imageOpts: true, options: { rw: 'on' } }), true);
+  t.equal(vvfatRwRequested('/some/disk.img'), false);
   t.throws(() => parseFatSpec('fat:'), { name: 'ImgError' });
   t.throws(() => parseFatSpec('fat:12:16:/d'), { name: 'ImgError' });
 });
@@ -219,4 +225,21 @@ t.test('json:, --image-opts and the CLI open it like any image', async (t) => {
   const bad = imgmount(['info', `fat:floppy:12:${path.join(d, 'nope')}`]);
   t.equal(bad.code, 1);
   t.match(bad.stderr, /^imgmount: .*\n$/);
+});
+
+t.test('host times reach the directory entries', { skip: missing }, async (t) => {
+  const d = tmpdir(t);
+  const src = path.join(d, 'src');
+  fs.mkdirSync(path.join(src, 'dir'), { recursive: true });
+  fs.writeFileSync(path.join(src, 'old.txt'), 'x');
+  const when = new Date(2001, 1, 3, 4, 5, 6);
+  fs.utimesSync(path.join(src, 'old.txt'), when, when);
+  fs.utimesSync(path.join(src, 'dir'), new Date(1999, 11, 31, 23, 58, 0), new Date(1999, 11, 31, 23, 58, 0));
+  const node = await openImage(`fat:12:${src}`);
+  t.teardown(() => node.close());
+  const raw = path.join(d, 'disk.raw');
+  await dumpNode(node, raw);
+  const dir = mt('mdir', ['-i', img(raw), '::/']);
+  t.match(dir.stdout, /OLD +TXT +1 2001-02-03 +4:05/);
+  t.match(dir.stdout, /DIR +<DIR> +1999-12-31 +23:58/);
 });

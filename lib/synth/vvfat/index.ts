@@ -4,7 +4,7 @@ import path from 'node:path';
 import createDebug from 'debug';
 import { ImgError } from '../../core/errors';
 import type { BlockNode } from '../../core/node';
-import { OptionReader, OptionTree } from '../../core/options';
+import { cloneTree, mergeTrees, OptionReader, OptionTree, parseBool, parseJsonFilename, parseOptionString } from '../../core/options';
 import { buildLayout, FatType } from './layout';
 import { VvfatNode } from './node';
 import { initialBaseline } from './commit';
@@ -36,14 +36,26 @@ export function parseFatSpec(spec: string): OptionTree {
   return tree;
 }
 
-/** true for a fat: spec or options that ask for a writable virtual FAT disk */
-export function isFatSpecRw(spec: string): boolean {
-  if (!spec.startsWith('fat:')) return false;
-  try { return parseFatSpec(spec).rw === 'on'; } catch { return false; }
+/** True when an image argument (as openImage takes it: a fat: spec, json:{...}, or an
+ *  --image-opts string, plus -o options) asks for a writable virtual FAT disk (rw). The mount
+ *  path refuses `-s` then: check this before opening, since a read-only open hides it. */
+export function vvfatRwRequested(spec: string, o: { imageOpts?: boolean; options?: OptionTree; format?: string } = {}): boolean {
+  try {
+    let tree: OptionTree = o.imageOpts ? parseOptionString(spec) : spec.startsWith('json:') ? parseJsonFilename(spec) : { filename: spec };
+    if (o.options) tree = mergeTrees(cloneTree(tree), o.options);
+    const fn = tree.filename;
+    const fromSpec = typeof fn === 'string' && fn.startsWith('fat:') ? parseFatSpec(fn) : {};
+    const driver = tree.driver ?? o.format ?? fromSpec.driver;
+    if (driver !== 'vvfat') return false;
+    const rw = tree.rw ?? fromSpec.rw;
+    return typeof rw === 'string' && parseBool(rw, 'rw');
+  } catch {
+    return false;
+  }
 }
 
-/** The mount path refuses `-s` with a writable vvfat node: a snapshot overlay over a disk
- *  whose writes land in a host directory makes no sense (qemu refuses it too). */
+/** The mount path refuses `-s` with a writable vvfat node (see vvfatRwRequested): writes of
+ *  a fat:rw: disk land in the host directory, a snapshot overlay would silently drop them. */
 export function isWritableVvfat(node: BlockNode): boolean {
   return node.driver === 'vvfat' && !node.readOnly;
 }
