@@ -19,11 +19,20 @@ export async function checkImage(spec: string, o: OpenOptions, repair: 'none' | 
   const file = await openProtocolOf(spec, { ...o, readOnly: repair === 'none', shareRw: repair === 'none' });
   try {
     const secrets = o.secrets ?? new SecretStore();
-    const res = await drv.check(file, {
-      options: {}, readOnly: repair === 'none', secrets, filename, probed: false,
-      openBacking: async () => null,
-      openChild: async () => { throw new ImgError('unsupported', 'check does not open child images'); },
-    }, repair);
+    let res: CheckResult;
+    try {
+      res = await drv.check(file, {
+        options: {}, readOnly: repair === 'none', secrets, filename, probed: false,
+        openBacking: async () => null,
+        openChild: async () => { throw new ImgError('unsupported', 'check does not open child images'); },
+      }, repair);
+    } catch (e) {
+      // a driver that cannot do this kind of check (vdi repairs): qemu-img's ENOTSUP, exit 63
+      if (e instanceof ImgError && e.kind === 'unsupported' && (e as ImgError & { noCheck?: boolean }).noCheck) {
+        return { result: null, filename, format };
+      }
+      throw e;
+    }
     return { result: res, filename, format };
   } finally {
     await file.close();

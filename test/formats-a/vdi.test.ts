@@ -2,7 +2,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  assertContents, cli, errKind, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuRaw,
+  assertContents, cli, errKind, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
   qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le, u64le,
 } from './helpers';
 
@@ -110,6 +110,10 @@ t.test('check finds what qemu-img check finds', async (t) => {
     t.equal(q.code, 2, `${name}: qemu-img check exits 2`);
     t.equal(o.code, q.code, `${name}: ours exits as qemu`);
   }
+  const q = qemuCheck(good);
+  t.equal(q.code, 0, 'the good image is clean');
+  t.equal((await cli(['check', '-r', 'all', good])).code, 63, 'qemu-img check -r exits 63 for vdi (no repair); so do we');
+  t.equal(qemuImgStatus('check', '-r', 'all', good).code, 63, 'qemu: 63');
 });
 
 t.test('hostile headers give image errors', async (t) => {

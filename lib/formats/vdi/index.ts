@@ -301,7 +301,10 @@ export const vdiDriver: FormatDriver = {
   open: openVdi,
   create: createVdi,
   async check(file, ctx, repair) {
-    if (repair !== 'none') throw new ImgError('unsupported', 'vdi: repairing is not supported (as in qemu)');
+    if (repair !== 'none') {
+      // qemu's vdi check refuses to repair (ENOTSUP): qemu-img reports no check support, exit 63
+      throw Object.assign(new ImgError('unsupported', 'vdi: repairing is not supported'), { noCheck: true });
+    }
     const node = await openVdi(file, { ...ctx, openBacking: async () => null });
     return node.check();
   },
