@@ -15,8 +15,8 @@ export async function pbkdf2(hash: HashAlg, pass: Uint8Array, salt: Uint8Array, 
 }
 
 /** iterations per `ms` milliseconds, measured the way qemu's qcrypto_pbkdf2_count_iters does:
- *  run a growing number of iterations until one run takes at least 500 ms (we stop at 100 ms to
- *  keep create fast; the rate is what matters) and scale. */
+ *  run a growing number of iterations until one run takes long enough to time (qemu waits for
+ *  500 ms; we stop at 10..100 ms, depending on the target, to keep create fast) and scale. */
 export function pbkdf2Iterations(hash: HashAlg, keyLen: number, ms: number): number {
   const pass = Buffer.from('imgmount-pbkdf2-benchmark');
   const salt = crypto.randomBytes(32);
@@ -25,7 +25,7 @@ export function pbkdf2Iterations(hash: HashAlg, keyLen: number, ms: number): num
     const t0 = process.hrtime.bigint();
     crypto.pbkdf2Sync(pass, salt, iters, keyLen, hash);
     const dt = Number(process.hrtime.bigint() - t0) / 1e6;
-    if (dt >= 100 || iters >= 1 << 30) {
+    if (dt >= Math.max(10, Math.min(100, ms)) || iters >= 1 << 30) {
       const n = Math.floor((iters * ms) / Math.max(dt, 0.001));
       return Math.min(Math.max(n, 1), 0xffffffff);
     }

@@ -81,3 +81,16 @@ export async function errOf(p: Promise<unknown>): Promise<{ kind: string; messag
     return { kind: String((e as { kind?: string }).kind ?? 'thrown'), message: (e as Error).message };
   }
 }
+
+/** qemu-img create; qemu's PBKDF benchmark sometimes fails under load ("Unable to get accurate
+ *  CPU usage"), so that one error is retried */
+export function qemuCreate(args: string[]): void {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      sh('qemu-img', ['create', ...args]);
+      return;
+    } catch (e) {
+      if (attempt >= 4 || !/accurate CPU usage/.test(String(e))) throw e;
+    }
+  }
+}

@@ -5,7 +5,7 @@ import { imgmount, tmpdir } from '../helpers';
 import { openImage } from '../../lib/core/graph';
 import { blockStatusAt } from '../../lib/core/io';
 import { createImage } from '../../lib/ops/create';
-import { errOf, have, openLuksImage, PASS, qemuLuksRaw, randomWrites, readAll, secrets, sh } from './helpers';
+import { errOf, have, qemuCreate, openLuksImage, PASS, qemuLuksRaw, randomWrites, readAll, secrets, sh } from './helpers';
 
 const peers = have('qemu-img') && have('qemu-io');
 const SIZE = 4 << 20;
@@ -24,7 +24,7 @@ for (const fmt of ['luks', 'aes'] as const) {
   t.test(`qemu-made qcow2 encrypt.format=${fmt}: read, write, check`, { skip: peers ? false : 'qemu-img/qemu-io missing' }, async (t) => {
     const dir = tmpdir(t);
     const img = path.join(dir, 'q.qcow2');
-    sh('qemu-img', ['create', '-f', 'qcow2', '--object', OBJ, '-o', `encrypt.format=${fmt},encrypt.key-secret=s${fmt === 'luks' ? ',encrypt.iter-time=10' : ''},cluster_size=4k`, img, String(SIZE)]);
+    qemuCreate(['-f', 'qcow2', '--object', OBJ, '-o', `encrypt.format=${fmt},encrypt.key-secret=s${fmt === 'luks' ? ',encrypt.iter-time=10' : ''},cluster_size=4k`, img, String(SIZE)]);
     qemuWrite(img, ['write -P 0xab 64k 64k', 'write -P 0x12 1M 3k', 'write -z 2M 8k', 'write -P 0x5a 3M 100k']);
     const ref = qemuLuksRaw(dir, img, PASS, 'qcow2');
     const n = await openQ(img, true);
