@@ -132,3 +132,33 @@ except OSError as e: print("err", e.errno)
   t.same(poke().split('\n'), ['written', 'written'], 'with -f raw the guest may write anything');
   t.equal(imgmount(['unmount', mnt]).code, 0);
 });
+
+t.test('a probed raw image cannot grow a fixed-VHD footer either', async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'a.img');
+  fs.writeFileSync(img, Buffer.alloc(2 << 20));
+  const vhd = path.join(d, 'v.vpc');
+  t.equal(run('qemu-img', ['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', vhd, '1M']).code, 0);
+  const footerFile = path.join(d, 'footer.bin');
+  fs.writeFileSync(footerFile, fs.readFileSync(vhd).subarray(-512));
+  const plant = (): string => py(`
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+footer = open(sys.argv[2], 'rb').read()
+size = os.fstat(fd).st_size
+try: os.pwrite(fd, footer, size - 512); print("written")
+except OSError as e: print("err", e.errno)
+`, [path.join(mnt, 'disk.raw'), footerFile]).stdout.trim();
+  const mnt = path.join(d, 'm');
+  // the same bytes in a plain file are recognised as a fixed VHD: the guard is not vacuous
+  const probe = path.join(d, 'probe.img');
+  fs.writeFileSync(probe, Buffer.concat([Buffer.alloc((2 << 20) - 512), fs.readFileSync(footerFile)]));
+  t.equal((JSON.parse(imgmount(['info', '--output', 'json', probe]).stdout) as { format: string }).format, 'vpc', 'a footer makes a vpc');
+  t.equal(mount(t, img, mnt).code, 0);
+  t.equal(plant(), 'err 1', 'planting the footer through a probed raw mount is refused');
+  t.equal(imgmount(['unmount', mnt]).code, 0);
+  t.equal((JSON.parse(imgmount(['info', '--output', 'json', img]).stdout) as { format: string }).format, 'raw', 'still raw');
+  t.equal(mount(t, img, mnt, ['-f', 'raw']).code, 0);
+  t.equal(plant(), 'written', 'with -f raw the guest may write it');
+  t.equal(imgmount(['unmount', mnt]).code, 0);
+});

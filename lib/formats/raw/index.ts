@@ -5,6 +5,8 @@ import { OptionReader } from '../../core/options';
 import { createFile } from '../../protocols/file';
 
 const PROBE_SECTOR = 512;
+/** a format recognised by its tail (fixed VHD, dmg) keeps its signature in the last 512 bytes */
+const TAIL_GUARD = 512;
 
 class RawNode implements BlockNode {
   readonly driver = 'raw';
@@ -26,6 +28,7 @@ class RawNode implements BlockNode {
   read(buf: Uint8Array, offset: number): Promise<void> { return this.file.read(buf, offset + this.offset); }
   async write(buf: Uint8Array, offset: number, flags?: WriteFlags): Promise<void> {
     if (this.probed && offset < PROBE_SECTOR) await this.checkProbeSafe(buf, offset);
+    if (this.probed && offset + buf.length > this.size - TAIL_GUARD) await this.checkTailSafe(buf, offset);
     return this.file.write!(buf, offset + this.offset, flags);
   }
 
@@ -49,11 +52,32 @@ class RawNode implements BlockNode {
   async discard(offset: number, length: number): Promise<void> {
     if (this.file.discard) await this.file.discard(offset + this.offset, length);
   }
+  // the same for the end of the file, where a fixed VHD footer or a dmg trailer would sit
+  private async checkTailSafe(buf: Uint8Array, offset: number): Promise<void> {
+    const start = Math.max(0, this.size - TAIL_GUARD);
+    const tail = Buffer.alloc(this.size - start);
+    await this.file.read(tail, this.offset + start);
+    const from = Math.max(offset, start);
+    tail.set(buf.subarray(from - offset, Math.min(buf.length, this.size - offset)), from - start);
+    const { drivers } = await import('../index');
+    for (const d of drivers) {
+      if (d.probeTail && d.probeTail(tail, this.size) > 0) {
+        throw new ImgError('permission', `write to the last sectors refused: it would make the probed raw image look like ${d.name} (pass -f raw)`);
+      }
+    }
+  }
+
   async flush(): Promise<void> { if (this.file.flush) await this.file.flush(); }
   async blockStatus(offset: number, length: number): Promise<Extent> {
     // sector 0 of a probed image must pass checkProbeSafe: never let the fast path write it
-    const guarded = this.probed && !this.readOnly && offset < Math.max(PROBE_SECTOR, this.align);
-    if (guarded) length = Math.min(length, Math.max(PROBE_SECTOR, this.align) - offset);
+    const headEnd = Math.max(PROBE_SECTOR, this.align);
+    const tailStart = Math.max(0, this.size - Math.max(TAIL_GUARD, this.align));
+    let guarded = false;
+    if (this.probed && !this.readOnly) {
+      if (offset < headEnd) { guarded = true; length = Math.min(length, headEnd - offset); }
+      else if (offset >= tailStart) guarded = true;
+      else length = Math.min(length, tailStart - offset);
+    }
     const ext = await this.file.blockStatus(offset + this.offset, length);
     return {
       offset,
