@@ -13,20 +13,11 @@ import {
   PAYLOAD_ZERO, PSS_GUID, REGION1, REGION_SIZE, SB_BLOCK_PRESENT, serializeHeader, VDISK_SIZE_GUID, VHDX_PARENT_LOCATOR_TYPE,
 } from './format';
 import { buildEntry, Overlay, replayToFile, searchLog } from './log';
+import { Mutex } from '../../core/mutex';
 
 /** the in-memory BAT is bounded: 16 Mi entries (128 MiB) */
 const MAX_BAT_BYTES = 128 * MiB;
 
-class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-  async lock<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    await prev;
-    try { return await fn(); } finally { release(); }
-  }
-}
 
 interface Reader { size: number; read(buf: Uint8Array, offset: number): Promise<void> }
 

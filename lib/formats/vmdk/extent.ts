@@ -3,6 +3,7 @@
 import zlib from 'node:zlib';
 import { ImgError } from '../../core/errors';
 import type { BlockNode } from '../../core/node';
+import { Mutex } from '../../core/mutex';
 import {
   checkSeSparseVolatile, COMPRESSION_DEFLATE, FLAG_COMPRESS, FLAG_MARKER, FLAG_NL_DETECT, FLAG_RGD, FLAG_ZERO_GRAIN,
   MARKER_EOS, MARKER_FOOTER, MARKER_GD, MARKER_GT, markerSector, MAX_CAPACITY_SECTORS, MAX_GRAIN_SECTORS, MAX_L1_ENTRIES,
@@ -81,16 +82,6 @@ class GtCache {
   }
 }
 
-class TableLock {
-  private tail: Promise<void> = Promise.resolve();
-  async lock<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    await prev;
-    try { return await fn(); } finally { release(); }
-  }
-}
 
 export interface SparseParams {
   kind: Kind;
@@ -122,7 +113,7 @@ export class SparseExtent extends VmdkExtent {
   l1!: Uint32Array | BigUint64Array;
   l1b: Uint32Array | null = null;
   private cache: GtCache;
-  private gtLock = new TableLock();
+  private gtLock = new Mutex();
   nextAlloc: number;
   readonly p: SparseParams;
   /** streamOptimized writing: all grain tables in memory, the append point, the grain being filled */

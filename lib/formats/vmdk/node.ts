@@ -6,17 +6,8 @@ import type { BlockNode, Extent, MapInvalidator, WriteFlags, ZeroFlags } from '.
 import type { FileNode } from '../../protocols/file';
 import { replaceCid } from './descriptor';
 import { SparseExtent, VmdkExtent } from './extent';
+import { Mutex } from '../../core/mutex';
 
-export class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-  async lock<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    await prev;
-    try { return await fn(); } finally { release(); }
-  }
-}
 
 export interface DescLocation {
   /** where the descriptor text lives: embedded in a sparse extent, or the descriptor file */

@@ -8,6 +8,7 @@ import { ImgError } from '../../core/errors';
 import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
 import { createFile, FileNode } from '../../protocols/file';
+import { Mutex } from '../../core/mutex';
 
 export const FOOTER_SIZE = 512;
 const DYN_HEADER_SIZE = 1024;
@@ -101,16 +102,6 @@ export function calculateGeometry(totalSectors: number): { cyls: number; heads: 
   return { cyls: Math.floor(cth / heads), heads, secs };
 }
 
-class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-  async lock<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    await prev;
-    try { return await fn(); } finally { release(); }
-  }
-}
 
 interface Dyn {
   blockSize: number;
