@@ -14,6 +14,7 @@ import { ExportFile, FuseExport } from './export';
 import { removeState, writeState } from './runtime';
 import { startControl, stopControl } from './control';
 import { openSnapshotMode, SnapshotMode } from './overlay';
+import { vvfatRwRequested } from '../synth/vvfat';
 
 const debug = createDebug('imgmount:serve');
 
@@ -50,6 +51,10 @@ async function buildFiles(cfg: ServeConfig, secrets: SecretStore): Promise<Built
   if (cfg.snapshot) {
     if (cfg.loadSnapshot !== undefined) throw new ImgError('usage', '-s and -l cannot be combined');
     if (cfg.readOnly) throw new ImgError('usage', '-s and -r cannot be combined');
+    if (vvfatRwRequested(cfg.image, { imageOpts: cfg.imageOpts, options: cfg.options, format: cfg.format })) {
+      // as the QEMU docs advise: changes would go to the overlay and never reach the directory
+      throw new ImgError('usage', '-s cannot be combined with a writable virtual FAT disk (rw:)');
+    }
     const sm = await openSnapshotMode(cfg.image, openOpts);
     return { files: [{ path: 'disk.raw', node: sm.top, readOnly: false }], nodes: [sm.top], snapshotMode: sm };
   }
@@ -162,7 +167,10 @@ export async function serve(cfg: ServeConfig, ready: (err: Error | null, notice?
   process.on('SIGHUP', onSignal);
   const top = built.files[0];
   const notice = !cfg.readOnly && top.readOnly && cfg.loadSnapshot === undefined
-    ? `imgmount: notice: ${cfg.image}: the ${top.node.driver} format is read-only here; disk.raw is read-only` : undefined;
+    ? (top.node.driver === 'vvfat'
+      ? `imgmount: notice: ${cfg.image}: the virtual FAT disk is read-only (fat:rw:DIR makes it writable)`
+      : `imgmount: notice: ${cfg.image}: the ${top.node.driver} format is read-only here; disk.raw is read-only`)
+    : undefined;
   ready(null, notice);
   const err = await exp.wait();
   debug('server threads stopped (%d)', err);
