@@ -1,5 +1,6 @@
 // Helpers for the virtual FAT disk tests: sample trees, dumping the synthesized disk into a
 // raw file (only the extents that hold data), and the mtools / fsck.fat peers.
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { blockStatusAt, readAt } from '../../lib/core/io';
@@ -55,13 +56,13 @@ export async function dumpNode(node: BlockNode, file: string): Promise<void> {
   }
 }
 
-/** Writes every 64 KiB chunk that differs between the raw file and the node into the node. */
+/** Writes every 1 MiB chunk that differs between the raw file and the node into the node. */
 export async function writeBack(node: BlockNode, file: string, write: (buf: Buffer, off: number) => Promise<void>): Promise<number> {
   const fd = fs.openSync(file, 'r');
   let n = 0;
   try {
-    const a = Buffer.alloc(65536);
-    const b = Buffer.alloc(65536);
+    const a = Buffer.alloc(1 << 20);
+    const b = Buffer.alloc(1 << 20);
     for (let off = 0; off < node.size; off += a.length) {
       const len = Math.min(a.length, node.size - off);
       fs.readSync(fd, a, 0, len, off);
@@ -127,3 +128,20 @@ export async function failure(p: Promise<unknown>): Promise<{ kind: string; mess
     return { kind: String((e as { kind?: string }).kind ?? 'none'), message: (e as Error).message };
   }
 }
+
+/** every path below dir with its type, mode and content hash */
+export function snapshot(dir: string): string[] {
+  const out: string[] = [];
+  const walk = (d: string, rel: string): void => {
+    for (const n of fs.readdirSync(d).sort()) {
+      const p = path.join(d, n);
+      const st = fs.lstatSync(p);
+      const r = rel ? `${rel}/${n}` : n;
+      if (st.isDirectory()) { out.push(`${r}/ ${st.mode.toString(8)}`); walk(p, r); }
+      else out.push(`${r} ${st.mode.toString(8)} ${crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex')}`);
+    }
+  };
+  walk(dir, '');
+  return out;
+}
+
