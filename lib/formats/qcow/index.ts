@@ -1,6 +1,6 @@
 // qcow (version 1): two-level tables, clusters appended at the end of the file, zlib-compressed
 // clusters (read; rewritten uncompressed when written), backing files. No refcounts, no check
-// (qemu-img has none for qcow). AES-encrypted images are refused for now.
+// (qemu-img has none for qcow). AES-encrypted images (crypt_method 1) via lib/crypto/legacy.ts.
 import zlib from 'node:zlib';
 import { ImgError } from '../../core/errors';
 import { readBacking } from '../../core/io';
@@ -10,6 +10,8 @@ import { createFile, FileNode } from '../../protocols/file';
 import { Mutex } from '../qcow2/util';
 import { PageCache } from '../qed/pagecache';
 import { fullBackingName } from '../qcow2/node';
+import { legacyAesCreate, openLegacyAes } from '../../crypto/legacy';
+import type { SectorCipher } from '../../crypto/modes';
 
 const MAGIC = 0x514649fb;
 const HEADER_LEN = 48;
@@ -57,7 +59,9 @@ interface Lookup { kind: 'data' | 'compressed' | 'unalloc'; host: number; csize:
 
 export class QcowNode implements BlockNode {
   readonly driver = 'qcow';
-  readonly align = 1;
+  readonly align: number;
+  /** legacy AES (crypt_method 1): data clusters pass through here, IVs by guest sector */
+  crypto: SectorCipher | null = null;
   mapInvalidator: MapInvalidator | null = null;
   readonly cs: number;
   readonly l2Entries: number;
@@ -78,6 +82,7 @@ export class QcowNode implements BlockNode {
     this.size = Math.floor(hdr.size / 512) * 512;
     this.fileEnd = file.size;
     this.fd = file instanceof FileNode ? file.fd : null;
+    this.align = hdr.cryptMethod ? 512 : 1;
   }
 
   get filename(): string { return this.file.filename; }
@@ -124,7 +129,7 @@ export class QcowNode implements BlockNode {
       }
     }
     const ext: Extent = { offset, length: len, state: first.kind === 'unalloc' ? 'unallocated' : 'data' };
-    if (first.kind === 'data' && this.fd !== null) {
+    if (first.kind === 'data' && this.fd !== null && !this.crypto) {
       ext.host = { fd: this.fd, offset: first.host + inC, writable: !this.readOnly, direct: (this.file as FileNode).direct };
     }
     return ext;
@@ -153,7 +158,10 @@ export class QcowNode implements BlockNode {
       const n = Math.min(this.cs - inC, buf.length - done);
       const l = await this.lookup(pos);
       const sub = buf.subarray(done, done + n);
-      if (l.kind === 'data') await this.file.read(sub, l.host + inC);
+      if (l.kind === 'data') {
+        await this.file.read(sub, l.host + inC);
+        this.crypto?.decrypt(sub, pos / 512);
+      }
       else if (l.kind === 'compressed') sub.set((await this.decompress(l)).subarray(inC, inC + n));
       else await readBacking(this.backing, sub, pos);
       done += n;
@@ -168,7 +176,9 @@ export class QcowNode implements BlockNode {
       const l = await this.lookup(pos);
       if (l.kind === 'data') {
         const n = Math.min(this.cs - (pos % this.cs), buf.length - done);
-        await this.file.write!(buf.subarray(done, done + n), l.host + (pos % this.cs));
+        let part = buf.subarray(done, done + n);
+        if (this.crypto) { part = Buffer.from(part); this.crypto.encrypt(part, pos / 512); }
+        await this.file.write!(part, l.host + (pos % this.cs));
         done += n;
         continue;
       }
@@ -226,6 +236,7 @@ export class QcowNode implements BlockNode {
     }
     const host = this.alignEnd();
     this.fileEnd += end - start;
+    this.crypto?.encrypt(data, start / 512);
     await this.file.write!(data, host);
     const first = ci % this.l2Entries;
     const upd = Buffer.alloc(kinds.length * 8);
@@ -286,7 +297,7 @@ export class QcowNode implements BlockNode {
 
 async function openQcow(file: BlockNode, ctx: OpenContext): Promise<QcowNode> {
   const r = new OptionReader(ctx.options, 'qcow');
-  if (r.has('encrypt')) r.markUsed('encrypt');
+  const encOpt = r.child('encrypt');
   r.finish();
   if (file.size < HEADER_LEN) throw new ImgError('image', 'Image not in qcow format');
   const b = Buffer.alloc(HEADER_LEN);
@@ -308,7 +319,7 @@ async function openQcow(file: BlockNode, ctx: OpenContext): Promise<QcowNode> {
   if (h.clusterBits < 9 || h.clusterBits > 16) throw bad('Cluster size must be between 512 and 64k');
   if (h.l2Bits < 6 || h.l2Bits > 16) throw bad('L2 table size must be between 512 and 64k');
   if (h.cryptMethod > 1) throw bad('invalid encryption method in qcow header');
-  if (h.cryptMethod === 1) throw new ImgError('unsupported', 'qcow: AES-encrypted images are not supported yet');
+  const crypto = openLegacyAes(h.cryptMethod === 1, encOpt, ctx.secrets, 'qcow');
   const span = 2 ** (h.clusterBits + h.l2Bits);
   const l1Size = Math.ceil(h.size / span);
   if (l1Size * 8 > INT_MAX || l1Size * 8 > MAX_L1_BYTES) throw bad('Image is too big');
@@ -324,7 +335,9 @@ async function openQcow(file: BlockNode, ctx: OpenContext): Promise<QcowNode> {
     backingName = nb.toString('utf8');
   }
   const backing = await ctx.openBacking(backingName, null);
-  return new QcowNode(file, h, l1, ctx.readOnly, backing, backingName);
+  const node = new QcowNode(file, h, l1, ctx.readOnly, backing, backingName);
+  node.crypto = crypto;
+  return node;
 }
 
 async function createQcow(ctx: CreateContext): Promise<void> {
@@ -338,9 +351,8 @@ async function createQcow(ctx: CreateContext): Promise<void> {
   r.bool('nocow', false);
   r.int('extent_size_hint', 0);
   r.finish();
-  if (encryption || (enc !== undefined && (typeof enc === 'string' || enc.format !== undefined || enc['key-secret'] !== undefined))) {
-    throw new ImgError('unsupported', 'qcow: creating AES-encrypted images is not supported yet');
-  }
+  const aesPass = legacyAesCreate(encryption, enc, ctx.secrets, 'qcow');
+  aesPass?.fill(0);
   let size = ctx.size;
   if (size === null && backingFile) size = (await ctx.open(backingFile, backingFmt ?? undefined)).size;
   if (size === null) throw new ImgError('usage', 'qcow: image size required');
@@ -357,7 +369,7 @@ async function createQcow(ctx: CreateContext): Promise<void> {
   const l1Size = Math.ceil(size / 2 ** (clusterBits + l2Bits));
   if (l1Size * 8 > MAX_L1_BYTES) throw new ImgError('usage', 'qcow: image too large');
   const h: QcowHeader = {
-    backingOffset: nb ? HEADER_LEN : 0, backingSize: nb ? nb.length : 0, mtime: 0, size, clusterBits, l2Bits, cryptMethod: 0,
+    backingOffset: nb ? HEADER_LEN : 0, backingSize: nb ? nb.length : 0, mtime: 0, size, clusterBits, l2Bits, cryptMethod: aesPass ? 1 : 0,
     l1Offset: headerSize,
   };
   await createFile(ctx.filename, 0, prealloc === 'off' ? 'off' : prealloc);
