@@ -4,6 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ImgError, ioError } from '../../core/errors';
+import { Mutex } from '../../core/mutex';
 import type { BlockNode, Extent, WriteFlags } from '../../core/node';
 import { findRun, firstRunFrom, Geometry, HostFile, Layout, ScanDir } from './layout';
 import type { Baseline } from './commit';
@@ -14,17 +15,6 @@ const FD_CACHE = 16;
 
 /** A post-commit mapping of guest clusters to host files (sorted by start). */
 export interface DataRun { start: number; len: number; file: HostFile; offset: number }
-
-class Mutex {
-  private tail: Promise<void> = Promise.resolve();
-  async lock<T>(fn: () => Promise<T>): Promise<T> {
-    const prev = this.tail;
-    let release!: () => void;
-    this.tail = new Promise<void>((r) => { release = r; });
-    await prev;
-    try { return await fn(); } finally { release(); }
-  }
-}
 
 interface CachedFd { handle: fs.promises.FileHandle; refs: number; closing: boolean }
 
