@@ -442,6 +442,15 @@ export async function commit(node: VvfatNode): Promise<void> {
         hf.mtimeMs = f.mtimeMs;
       }
     }
+    // renames and new entries are durable only once their directories are synced
+    const touched = new Set<string>();
+    const parentAbs = (rel: string): string => path.dirname(host(rel));
+    for (const w of written) touched.add(parentAbs(w.f.rel));
+    for (const m of moves) { touched.add(parentAbs(m.to)); touched.add(parentAbs(m.from)); }
+    for (const hf of p.deletedFiles) touched.add(parentAbs(hf.rel));
+    for (const d of p.dirs) if (d.from !== d.g.rel && d.g.rel) touched.add(parentAbs(d.g.rel));
+    if (moves.length) touched.add(node.root);
+    for (const dir of touched) await syncDir(dir);
     // H. the node's new picture of the host
     const runs: DataRun[] = [];
     const newFiles = new Map<string, HostFile>();
@@ -475,6 +484,18 @@ export async function commit(node: VvfatNode): Promise<void> {
     node.dropFds();
     if (!applying) for (const w of written) await fs.promises.unlink(w.tmp).catch(() => undefined);
     throw e instanceof ImgError ? e : ioError('vvfat: writing back to the host directory', e);
+  }
+}
+
+async function syncDir(dir: string): Promise<void> {
+  let fh: fs.promises.FileHandle | null = null;
+  try {
+    fh = await fs.promises.open(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    await fh.sync();
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw ioError(`vvfat: syncing directory '${dir}'`, e);
+  } finally {
+    await fh?.close().catch(() => undefined);
   }
 }
 
