@@ -153,3 +153,25 @@ t.test('swapped names and directories moved across parents', { skip: missing }, 
   await node.close();
   t.equal(fs.readFileSync(path.join(host, 'SHORT.TXT'), 'utf8'), 'two\n');
 });
+
+t.test('names differing only in case: one is shown, commits still work', { skip: missing }, async (t) => {
+  const d = tmpdir(t);
+  const host = path.join(d, 'host');
+  fs.mkdirSync(host);
+  fs.writeFileSync(path.join(host, 'README'), 'upper\n');
+  fs.writeFileSync(path.join(host, 'Readme'), 'mixed\n');
+  const node = await openImage(`fat:rw:12:${host}`);
+  t.teardown(() => node.close().catch(() => undefined));
+  const raw = path.join(d, 'disk.raw');
+  await dumpNode(node, raw);
+  const I = img(raw);
+  const dir = mt('mdir', ['-b', '-i', I, '::/']);
+  t.equal(dir.stdout.trim().split('\n').length, 1, dir.stdout);
+  const f = path.join(d, 'n');
+  fs.writeFileSync(f, 'new\n');
+  t.equal(m('mcopy', '-i', I, f, '::/new file'), '');
+  await writeAll(node, raw);
+  await node.close();
+  t.same(fs.readdirSync(host).sort(), ['README', 'Readme', 'new file']);
+  t.equal(fs.readFileSync(path.join(host, 'Readme'), 'utf8'), 'mixed\n', 'the hidden one is untouched');
+});

@@ -132,7 +132,12 @@ export function scanTree(root: string): { root: ScanDir; files: number; dirs: nu
       named.push({ name, ent });
     }
     named.sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    // FAT names are case-insensitive: of 'Readme' and 'README' only the first is shown
+    const seen = new Set<string>();
     for (const { name, ent } of named) {
+      const key = name.toLowerCase();
+      if (seen.has(key)) { debug('skipping %s/%s: differs from another name only in case', abs, name); continue; }
+      seen.add(key);
       const p = path.join(abs, name);
       let s: fs.Stats;
       try { s = fs.lstatSync(p); } catch { continue; } // vanished meanwhile
