@@ -106,6 +106,25 @@ const hostile: Array<{ name: string; why: RegExp; edit: (g: ReturnType<typeof fa
     },
   },
   {
+    name: 'a directory that contains itself', why: /cross-linked|loops/, edit: (g) => {
+      const e = Buffer.alloc(32);
+      fs.readSync(g.fd, e, 0, 32, findEntry(g, 'SUB        '));
+      const sub = e.readUInt16LE(26);
+      const cl = Buffer.alloc(g.cs);
+      const at = g.data + (sub - 2) * g.cs;
+      fs.readSync(g.fd, cl, 0, g.cs, at);
+      for (let p = 0; p < g.cs; p += 32) {
+        if (cl.subarray(p, p + 11).toString('latin1') === 'INNER      ') {
+          const b = Buffer.alloc(2);
+          b.writeUInt16LE(sub);
+          patch(g, at + p + 26, b); // sub/inner is sub itself
+          return;
+        }
+      }
+      throw new Error('no INNER entry');
+    },
+  },
+  {
     name: 'a cluster out of range', why: /out of range/, edit: (g) => {
       const p = findEntry(g, 'VICTIM  TXT');
       const b = Buffer.alloc(2);
@@ -123,6 +142,8 @@ for (const h of hostile) {
     fs.writeFileSync(path.join(host, 'a.txt'), 'a\n');
     fs.writeFileSync(path.join(host, 'VICTIM.TXT'), 'victim\n');
     fs.writeFileSync(path.join(host, 'big.bin'), crypto.randomBytes(100000));
+    fs.mkdirSync(path.join(host, 'SUB', 'INNER'), { recursive: true });
+    fs.writeFileSync(path.join(host, 'SUB', 'INNER', 'F.TXT'), 'f\n');
     fs.writeFileSync(path.join(path.dirname(host), 'x'), 'outside\n');
     const before = snapshot(d);
     const node = await openImage(`fat:rw:${host}`);

@@ -220,7 +220,8 @@ export function fatGeometry(o: LayoutOptions, neededClusters: number): Geometry 
     throw new ImgError('image', `vvfat: the directory is too large for a FAT32 disk (${neededClusters} clusters needed)`);
   }
   spf = spfFor(clusters);
-  clusters = Math.floor((partSectors - reserved - 2 * spf) / spc);
+  // a smaller FAT leaves room for a few more clusters, but never more than it can describe
+  clusters = Math.min(Math.floor((partSectors - reserved - 2 * spf) / spc), (spf * 512) / 4 - 2);
   return {
     fatType: 32, floppy: false, totalSectors, partStart: 63, partSectors,
     cyls: totalSectors / cylSize, heads, secs, spc, reserved, spf, rootEntries: 0, rootSectors: 0,
