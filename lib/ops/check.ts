@@ -4,7 +4,7 @@ import { ImgError } from '../core/errors';
 import { openImage, openProtocolOf, OpenOptions } from '../core/graph';
 import { SecretStore } from '../core/secrets';
 import type { CheckResult } from '../core/node';
-import { findDriver } from '../formats';
+import { drivers } from '../formats';
 
 export interface CheckReport { result: CheckResult | null; filename: string; format: string }
 
@@ -14,8 +14,9 @@ export async function checkImage(spec: string, o: OpenOptions, repair: 'none' | 
   const format = node.driver;
   const filename = node.filename;
   await node.close();
-  const drv = findDriver(format);
-  if (!drv.check) return { result: null, filename, format };
+  // synthesized disks (vvfat) have no driver in the format registry: nothing to check
+  const drv = drivers.find((d) => d.name === format);
+  if (!drv?.check) return { result: null, filename, format };
   const file = await openProtocolOf(spec, { ...o, readOnly: repair === 'none', shareRw: repair === 'none' });
   try {
     const secrets = o.secrets ?? new SecretStore();
