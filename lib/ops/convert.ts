@@ -82,7 +82,7 @@ export async function convertImage(o: ConvertOptions): Promise<void> {
     if (fs.existsSync(o.dst) && fs.statSync(o.dst).isDirectory()) throw new ImgError('usage', `${o.dst}: Is a directory`);
     await createImage({ format: o.outFormat, filename: o.dst, size: src.size, options: o.outOptions, secrets });
     created = true;
-    dst = await openImage(o.dst, { format: o.outFormat, readOnly: false, secrets, options: undefined });
+    dst = await openImage(o.dst, { format: o.outFormat, readOnly: false, secrets, options: secretOptions(o.outOptions) });
     if (dst.size < src.size) throw new ImgError('image', `${o.dst}: created image is smaller than the source`);
     await copyNode(src, dst, { compressed: o.compressed, noSparse: o.noSparse, progress: new Progress(!!o.progress) });
     await dst.close();
@@ -95,4 +95,15 @@ export async function convertImage(o: ConvertOptions): Promise<void> {
   } finally {
     await src.close();
   }
+}
+
+/** as qemu-img convert: the target is opened with the secrets its creation options named
+ *  (luks key-secret, qcow/qcow2 encrypt.key-secret) */
+function secretOptions(opts: OptionTree | undefined): OptionTree | undefined {
+  if (!opts) return undefined;
+  const out: OptionTree = {};
+  if (typeof opts['key-secret'] === 'string') out['key-secret'] = opts['key-secret'];
+  const enc = opts.encrypt;
+  if (enc && typeof enc !== 'string' && typeof enc['key-secret'] === 'string') out.encrypt = { 'key-secret': enc['key-secret'] };
+  return Object.keys(out).length ? out : undefined;
 }

@@ -96,3 +96,22 @@ t.test('CLI: legacy AES creation warns once; wrong secret exits 4', { skip: peer
   t.match(none.stderr, /needs a secret/);
   t.notOk(fs.readFileSync(l).includes(Buffer.from(PASS)), 'the passphrase is not stored in the image');
 });
+
+t.test('CLI convert into luks and qcow2+luks opens the target with the creation secret', { skip: peers ? false : 'qemu-img missing' }, async (t) => {
+  const dir = tmpdir(t);
+  const src = path.join(dir, 'src.raw');
+  const data = Buffer.alloc(1 << 20);
+  for (let i = 0; i < data.length; i += 4096) data.writeUInt32LE(i + 1, i);
+  fs.writeFileSync(src, data);
+  const targets: [string, string, string][] = [
+    ['luks', 'key-secret=s,iter-time=10', 'driver=luks,key-secret=s'],
+    ['qcow2', 'encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10', 'driver=qcow2,encrypt.key-secret=s'],
+  ];
+  for (const [fmt, o, open] of targets) {
+    const dst = path.join(dir, `out.${fmt}`);
+    const r = imgmount(['convert', '--object', OBJ, '-f', 'raw', '-O', fmt, '-o', o, src, dst]);
+    t.equal(r.code, 0, `${fmt}: ${r.stderr}`);
+    const cmp = sh('qemu-img', ['compare', '--object', OBJ, '--image-opts', `${open},file.filename=${dst}`, `driver=raw,file.filename=${src}`]);
+    t.match(cmp, /identical/, `${fmt}: qemu-img compare`);
+  }
+});
