@@ -120,12 +120,15 @@ export class QcowNode implements BlockNode {
   async blockStatus(offset: number, length: number): Promise<Extent> {
     const first = await this.lookup(offset);
     const inC = offset % this.cs;
-    let len = Math.min(length, this.cs - inC);
+    // a missing L2 table stands for the whole span of its L1 entry
+    const span = this.cs * this.l2Entries;
+    const step = (p: number): number => (this.l1Entry(Math.floor(p / span)) ? this.cs - (p % this.cs) : span - (p % span));
+    let len = Math.min(length, first.kind === 'unalloc' ? step(offset) : this.cs - inC);
     if (first.kind !== 'compressed') {
-      while (len < length) {
+      for (let k = 0; len < length && k < 16384; k++) {
         const n = await this.lookup(offset + len);
         if (n.kind !== first.kind || (n.kind === 'data' && n.host !== first.host + inC + len)) break;
-        len = Math.min(length, len + this.cs);
+        len = Math.min(length, len + (n.kind === 'unalloc' ? step(offset + len) : this.cs));
       }
     }
     const ext: Extent = { offset, length: len, state: first.kind === 'unalloc' ? 'unallocated' : 'data' };

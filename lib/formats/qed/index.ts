@@ -24,6 +24,8 @@ const PAGE = 65536; // table bytes cached per entry
 const CACHE_BYTES = 16 << 20;
 const ZERO_CLUSTER = 1;
 const MAX_BATCH = 16 << 20;
+/** lookups one block status call may merge (callers ask again for the rest) */
+const MAX_STATUS_STEPS = 16384;
 const INT_MAX = 0x7fffffff;
 
 export interface QedHeader {
@@ -159,13 +161,16 @@ export class QedNode implements BlockNode {
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
+    const span = this.cs * this.nelems; // guest bytes behind one L1 entry
+    // bytes from p to the end of the run its lookup stands for (a missing L2 table covers a whole span)
+    const step = (p: number, l: Lookup): number => (l.kind === 'unalloc' && l.l2 === 0 ? span - (p % span) : this.cs - (p % this.cs));
     const first = await this.lookup(offset);
-    let len = Math.min(length, this.cs - (offset % this.cs));
-    while (len < length) {
+    let len = Math.min(length, step(offset, first));
+    for (let n = 0; len < length && n < MAX_STATUS_STEPS; n++) {
       const p = offset + len;
-      const n = await this.lookup(p);
-      if (n.kind !== first.kind || (n.kind === 'data' && n.host !== first.host + (p - offset) + (offset % this.cs))) break;
-      len += Math.min(this.cs, length - len);
+      const l = await this.lookup(p);
+      if (l.kind !== first.kind || (l.kind === 'data' && l.host !== first.host + (p - offset) + (offset % this.cs))) break;
+      len = Math.min(length, len + step(p, l));
     }
     const state = first.kind === 'data' ? 'data' : first.kind === 'zero' ? 'zero' : 'unallocated';
     const ext: Extent = { offset, length: len, state };
