@@ -660,7 +660,8 @@ export class Qcow2Node implements BlockNode {
       }
       if (!items.length) return null;
       await this.markDirty();
-      this.mapInvalidator?.(pos, done);
+      // whole clusters: the rest of a new cluster changes its mapping too (see linkAlloc)
+      this.mapInvalidator?.(items[0].gc * cs, Math.min(items.length * cs, this._size - items[0].gc * cs));
       const host0 = await this.allocClusters(items.length);
       let release!: () => void;
       const settled = new Promise<void>((r) => { release = r; });
@@ -713,8 +714,10 @@ export class Qcow2Node implements BlockNode {
     const l2 = await this.loadL2(plan.l2off);
     plan.items.forEach((it, i) => this.setL2(l2, it.idx, plan.host0 + i * this.cs, true, false));
     await this.writeL2Range({ buf: l2, off: plan.l2off }, plan.items[0].idx, plan.items[plan.items.length - 1].idx + 1);
-    // a map learnt while the data was in flight saw the old (unallocated) state
-    this.mapInvalidator?.(plan.pos, plan.done);
+    // a map learnt while the data was in flight saw the old (unallocated) state; whole
+    // clusters, since a zero entry learnt for the untouched rest of a cluster is stale as
+    // well once later in-place writes (which do not invalidate) land there
+    this.mapInvalidator?.(plan.items[0].gc * this.cs, Math.min(plan.items.length * this.cs, this._size - plan.items[0].gc * this.cs));
   }
 
   private finishAlloc(plan: PendingAlloc): void {
@@ -889,7 +892,10 @@ export class Qcow2Node implements BlockNode {
       done += n;
     }
     const newCount = items.filter((it) => !it.reuse).length;
-    this.mapInvalidator?.(pos, done);
+    // whole clusters: the COW'd rest of a newly allocated cluster changes its mapping too (a map
+    // entry learnt for it as zero/unallocated must go, even if nothing mappable replaces it)
+    const invEnd = Math.min(Math.ceil((pos + done) / cs) * cs, this._size);
+    this.mapInvalidator?.(gc0 * cs, invEnd - gc0 * cs);
     if (newCount) {
       let h = await this.allocClusters(newCount);
       for (const it of items) if (!it.reuse) { it.host = h; h += cs; }
