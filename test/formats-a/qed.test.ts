@@ -63,6 +63,16 @@ t.test('zero clusters and a backing file (raw, not probed; qed, probed)', async 
   t.equal(qemuImg('info', '--output', 'json', top2).includes('"backing-filename": "top.qed"'), true, 'qemu sees our backing name');
   t.equal(firstDiff(qemuRaw(dir, top2), ref), -1, 'qemu reads our overlay through its backing');
   t.equal(firstDiff(await ourView(top2), ref), -1, 'we read our overlay through its backing');
+  // commit into the backing file, then the overlay is emptied
+  const ref2 = Buffer.from(ref);
+  await randomWrites(top2, FMT, ref2, 21, 10, 9000);
+  const cm = await cli(['commit', top2]);
+  t.equal(cm.code, 0, `commit: ${cm.stderr}`);
+  t.equal(qemuCheck(img).code, 0, 'the committed-to image passes qemu-img check');
+  t.equal(qemuCheck(top2).code, 0, 'the emptied overlay passes qemu-img check');
+  await assertContents(t, dir, img, FMT, ref2, 'the backing file after commit');
+  await assertContents(t, dir, top2, FMT, ref2, 'the emptied overlay');
+  t.equal(qemuImg('map', '--output', 'json', top2).includes('"depth": 0'), false, 'nothing left in the overlay');
 });
 
 t.test('random unaligned writes pass qemu-img check and compare', async (t) => {

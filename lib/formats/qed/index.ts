@@ -327,6 +327,20 @@ export class QedNode implements BlockNode {
     });
   }
 
+  /** after commit: every cluster unallocated again, the file cut back to header and L1 table */
+  async makeEmpty(): Promise<void> {
+    if (this.readOnly) throw new ImgError('readonly', 'qed: the image is opened read-only');
+    await this.mutex.run(async () => {
+      this.mapInvalidator?.(0, this.size);
+      await this.file.write!(Buffer.alloc(this.tableBytes), this.hdr.l1Offset);
+      this.cache.clear();
+      const end = Math.max(this.hdr.l1Offset + this.tableBytes, this.hdr.headerSize * this.cs);
+      if (this.file.truncate && this.file.size > end) await this.file.truncate(end);
+      this.fileSize = Math.floor(this.file.size / this.cs) * this.cs;
+      await this.file.flush?.();
+    });
+  }
+
   async truncate(size: number, prealloc?: Preallocation): Promise<void> {
     if (prealloc && prealloc !== 'off') throw new ImgError('unsupported', 'qed: preallocation is not supported on resize');
     if (size < this.size) throw new ImgError('unsupported', 'qed: cannot shrink images');
