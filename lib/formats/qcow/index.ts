@@ -359,8 +359,8 @@ async function createQcow(ctx: CreateContext): Promise<void> {
   let size = ctx.size;
   if (size === null && backingFile) size = (await ctx.open(backingFile, backingFmt ?? undefined)).size;
   if (size === null) throw new ImgError('usage', 'qcow: image size required');
-  size = Math.floor(size / 512) * 512;
-  if (size <= 1) throw new ImgError('usage', 'qcow: image size is too small');
+  size = Math.ceil(size / 512) * 512; // qemu-img rounds sizes up to whole sectors
+  if (size === 0) throw new ImgError('usage', 'Image size is too small, cannot be zero length');
   const nb = backingFile ? Buffer.from(backingFile, 'utf8') : null;
   if (nb && nb.length > 1023) throw new ImgError('usage', 'qcow: backing file name too long');
   // as qemu: 512-byte clusters with 32 KiB L2 tables over a backing file, else 4 KiB with 4 KiB tables

@@ -542,7 +542,7 @@ async function createQed(ctx: CreateContext): Promise<void> {
   }
   if (size === null) throw new ImgError('usage', 'qed: image size required');
   size = Math.ceil(size / 512) * 512;
-  if (size === 0 || !imageSizeValid(size, cs, ts)) {
+  if (!imageSizeValid(size, cs, ts)) {
     throw new ImgError('usage', `QED image size must be a non-zero multiple of cluster size and less than ${maxImageSize(cs, ts)} bytes`);
   }
   const nb = backingFile ? Buffer.from(backingFile, 'utf8') : null;
