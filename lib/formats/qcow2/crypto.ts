@@ -9,7 +9,8 @@ import type { SecretStore } from '../../core/secrets';
 import type { BlockNode } from '../../core/node';
 import { openLuks, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions } from '../../crypto/luks1';
-import { SectorCipher } from '../../crypto/modes';
+import type { SectorCipher } from '../../crypto/modes';
+import { legacyAesCipher } from '../../crypto/legacy';
 import { EXT_CRYPTO, Qcow2Header } from './header';
 
 export const CRYPT_AES = 1;
@@ -72,11 +73,7 @@ export async function openQcow2Crypto(file: BlockNode, h: Qcow2Header, options: 
   try {
     if (h.cryptMethod === CRYPT_AES) {
       if (cryptoExtension(h)) throw new ImgError('image', 'qcow2: crypto header extension with AES encryption');
-      const key = Buffer.alloc(16);
-      pass.copy(key, 0, 0, Math.min(16, pass.length));
-      const c = new SectorCipher({ alg: 'aes', mode: 'cbc', ivgen: 'plain64' }, key, SECTOR);
-      key.fill(0);
-      return new SectorCrypto(c, false, { format: 'aes' });
+      return new SectorCrypto(legacyAesCipher(pass), false, { format: 'aes' });
     }
     const ext = cryptoExtension(h);
     if (!ext) throw new ImgError('image', 'qcow2: LUKS encryption without the crypto header extension');
