@@ -7,7 +7,6 @@ import { writeAt } from '../../lib/core/io';
 import { createImage } from '../../lib/ops/create';
 import { main } from '../../lib/cli/main';
 import type { OptionTree } from '../../lib/core/options';
-import { imgmount } from '../helpers';
 import { firstDiff, ourView, qemuImg, qemuImgStatus, qemuIo, qemuRaw } from '../qcow2/helpers';
 
 export { errKind, firstDiff, ourView, qemuImg, qemuImgStatus, qemuIo, qemuRaw } from '../qcow2/helpers';
