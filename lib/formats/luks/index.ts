@@ -61,6 +61,7 @@ class LuksNode implements BlockNode {
   }
 
   async allocatedSize(): Promise<number> { return this.file.allocatedSize ? this.file.allocatedSize() : this.file.size; }
+  async infoExtra(): Promise<Record<string, unknown>> { return { encrypted: true }; }
   async formatSpecific(): Promise<{ type: string; data: Record<string, unknown> }> {
     return { type: 'luks', data: { ...this.vol.info } };
   }
