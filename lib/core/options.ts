@@ -202,5 +202,5 @@ export function humanSize(n: number): string {
   if (i === 0) return `${n} B`;
   // qemu prints up to 3 significant digits
   const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2);
-  return `${s.replace(/\.?0+$/, '')} ${units[i]}`;
+  return `${s.includes('.') ? s.replace(/\.?0+$/, '') : s} ${units[i]}`;
 }

@@ -67,6 +67,13 @@ export async function infoBoth(img: string, fmt: string): Promise<[string, strin
   return [o.stdout || o.stderr, q];
 }
 
+/** human `info` of both tools */
+export async function infoHumanBoth(img: string, fmt: string): Promise<[string, string]> {
+  const q = qemuImg('info', '-f', fmt, img);
+  const o = await cli(['info', '-f', fmt, img]);
+  return [o.stdout || o.stderr, q];
+}
+
 export async function mapBoth(img: string, fmt: string): Promise<[string, string]> {
   const q = qemuImg('map', '--output', 'json', '-f', fmt, img);
   const o = await cli(['map', '--output', 'json', '-f', fmt, img]);

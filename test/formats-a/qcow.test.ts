@@ -5,7 +5,7 @@ import zlib from 'node:zlib';
 import { openImage } from '../../lib/core/graph';
 import { writeAt } from '../../lib/core/io';
 import {
-  assertContents, cli, errKind, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuIo, qemuRaw,
+  assertContents, cli, errKind, firstDiff, infoBoth, infoHumanBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuIo, qemuRaw,
   qemuWrite, randomWrites, scatteredWrites, tmpdir, u32be, u64be,
 } from './helpers';
 
@@ -22,6 +22,8 @@ t.test('qemu-written images read identically; info and map match qemu-img', asyn
   t.equal(firstDiff(await ourView(img), ref), -1, 'we read what qemu wrote');
   const i = await infoBoth(img, FMT);
   t.equal(i[0], i[1], 'info --output json equals qemu-img\'s');
+  const h = await infoHumanBoth(img, FMT);
+  t.equal(h[0], h[1], 'human info equals qemu-img\'s');
   const m = await mapBoth(img, FMT);
   t.equal(m[0], m[1], 'map --output json equals qemu-img\'s');
   const c = await cli(['check', img]);

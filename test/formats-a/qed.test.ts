@@ -4,7 +4,7 @@ import path from 'node:path';
 import { openImage } from '../../lib/core/graph';
 import { readAt, writeAt, writeZeroesAt } from '../../lib/core/io';
 import {
-  assertContents, errKind, cli, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
+  assertContents, errKind, cli, firstDiff, infoBoth, infoHumanBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
   qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le, u64le,
 } from './helpers';
 
@@ -22,6 +22,8 @@ t.test('qemu-written images read identically; info and map match qemu-img', asyn
     t.equal(firstDiff(await ourView(img), ref), -1, `${opts}: we read what qemu wrote`);
     const i = await infoBoth(img, FMT);
     t.equal(i[0], i[1], `${opts}: info --output json equals qemu-img's`);
+    const h = await infoHumanBoth(img, FMT);
+    t.equal(h[0], h[1], 'human info equals qemu-img\'s');
     const m = await mapBoth(img, FMT);
     t.equal(m[0], m[1], `${opts}: map --output json equals qemu-img's`);
   }

@@ -2,7 +2,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import {
-  assertContents, cli, errKind, firstDiff, infoBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
+  assertContents, cli, errKind, firstDiff, infoBoth, infoHumanBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
   qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le, u64le,
 } from './helpers';
 
@@ -21,6 +21,8 @@ t.test('qemu-written dynamic and static images read identically; info and map ma
     t.equal(firstDiff(await ourView(img), ref), -1, `${opts}: we read what qemu wrote`);
     const i = await infoBoth(img, FMT);
     t.equal(i[0], i[1], `${opts}: info --output json equals qemu-img's`);
+    const h = await infoHumanBoth(img, FMT);
+    t.equal(h[0], h[1], 'human info equals qemu-img\'s');
     // static images: qemu's block status asks the host file for holes (BDRV_BLOCK_RECURSE) and
     // prints allocated-but-sparse ranges as "data": true, "zero": true, a state our extents
     // (data | zero | unallocated) do not have; compare the map of dynamic images only
