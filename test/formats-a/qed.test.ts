@@ -77,6 +77,26 @@ t.test('zero clusters and a backing file (raw, not probed; qed, probed)', async 
   t.equal(qemuImg('map', '--output', 'json', top2).includes('"depth": 0'), false, 'nothing left in the overlay');
 });
 
+t.test('setBacking rewrites the backing name and format as qemu-img rebase -u', async (t) => {
+  const dir = tmpdir(t);
+  const img = path.join(dir, 's.qed');
+  fs.writeFileSync(path.join(dir, 'b1.raw'), Buffer.alloc(1 << 20, 1));
+  fs.writeFileSync(path.join(dir, 'b2.raw'), Buffer.alloc(1 << 20, 2));
+  qemuImg('create', '-q', '-f', FMT, '-b', 'b1.raw', '-F', 'raw', img);
+  const n = await openImage(img, {});
+  await n.setBacking!('b2.raw', 'raw');
+  await n.close();
+  const info = JSON.parse(qemuImg('info', '--output', 'json', img));
+  t.equal(info['backing-filename'], 'b2.raw', 'qemu sees the new name');
+  t.equal(info['backing-filename-format'], 'raw', 'and the raw (no probe) format');
+  t.equal(qemuCheck(img).code, 0, 'qemu-img check clean');
+  t.equal((await ourView(img)).every((x) => x === 2), true, 'reads come from the new backing file');
+  const n2 = await openImage(img, {});
+  await n2.setBacking!(null, null);
+  await n2.close();
+  t.equal(JSON.parse(qemuImg('info', '--output', 'json', img))['backing-filename'], undefined, 'backing removed');
+});
+
 t.test('random unaligned writes pass qemu-img check and compare', async (t) => {
   const dir = tmpdir(t);
   for (const opts of ['cluster_size=4k,table_size=1', 'cluster_size=4k,table_size=2', 'cluster_size=16k']) {
