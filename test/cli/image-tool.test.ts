@@ -147,3 +147,12 @@ t.test('qcow2 sample: info (with chain), map and check output equal qemu-img\'s'
   t.equal(imgmount(['check', '-r', 'leaks', leaky]).code, 0, 'repaired');
   t.equal(run('qemu-img', ['check', leaky]).code, 0, 'qemu-img agrees it is clean');
 });
+
+t.test('an empty file probes as raw', async (t) => {
+  const d = tmpdir(t);
+  const f = path.join(d, 'empty.img');
+  fs.writeFileSync(f, '');
+  const r = imgmount(['info', '--output', 'json', f]);
+  t.equal(r.code, 0, r.stderr);
+  t.equal((JSON.parse(r.stdout) as { format: string }).format, 'raw');
+});

@@ -115,8 +115,9 @@ export const cloopDriver: FormatDriver = {
   name: 'cloop',
   readOnlyFormat: true,
   probe(head: Uint8Array): number {
-    const len = Math.min(CLOOP_MAGIC.length, head.length);
-    return Buffer.from(head.buffer, head.byteOffset, len).toString('latin1') === CLOOP_MAGIC.slice(0, len) ? 2 : 0;
+    // the whole magic must be there (qemu's cloop_probe): a short or empty file is not cloop
+    if (head.length < CLOOP_MAGIC.length) return 0;
+    return Buffer.from(head.buffer, head.byteOffset, CLOOP_MAGIC.length).toString('latin1') === CLOOP_MAGIC ? 2 : 0;
   },
   async open(file: BlockNode, ctx: OpenContext): Promise<BlockNode> {
     new OptionReader(ctx.options, 'cloop').finish();
