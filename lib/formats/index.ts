@@ -15,27 +15,6 @@ import { dmgDriver } from './dmg';
 import { cloopDriver } from './cloop';
 import { bochsDriver } from './bochs';
 
-const ascii = (head: Uint8Array, at: number, s: string): boolean =>
-  head.length >= at + s.length && Buffer.from(head.buffer, head.byteOffset + at, s.length).toString('latin1') === s;
-const be32 = (h: Uint8Array, at: number): number => (h.length >= at + 4 ? Buffer.from(h.buffer, h.byteOffset).readUInt32BE(at) : -1);
-const le32 = (h: Uint8Array, at: number): number => (h.length >= at + 4 ? Buffer.from(h.buffer, h.byteOffset).readUInt32LE(at) : -1);
-
-/** A format we recognise but do not read yet: probing it must not fall back to raw. */
-function pending(name: string, issue: number, probe: (h: Uint8Array, f: string) => number): FormatDriver {
-  return {
-    name,
-    probe,
-    async open() {
-      throw new ImgError('unsupported', `${name} images are not supported yet (planned in issue ${issue})`);
-    },
-    async create() {
-      throw new ImgError('unsupported', `creating ${name} images is not supported yet (planned in issue ${issue})`);
-    },
-  };
-}
-
-const QCOW_MAGIC = 0x514649fb;
-
 export const drivers: FormatDriver[] = [
   rawDriver,
   qcow2Driver,
