@@ -115,3 +115,34 @@ export async function waitFor(cond: () => boolean, ms = 10000, step = 50): Promi
   }
   return cond();
 }
+
+/**
+ * A python3 client that applies the same pseudo-random unaligned writes (some with zero
+ * runs) to every file it is given, reads random ranges back from the first and the second
+ * and compares them, fsyncs now and then, and prints "ok".
+ */
+const MIRROR_WRITER = `
+import os, random, sys
+seed, n, maxlen = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+files = sys.argv[4:]
+fds = [os.open(f, os.O_RDWR) for f in files]
+size = os.fstat(fds[0]).st_size
+r = random.Random(seed)
+for i in range(n):
+    off = r.randrange(0, size - 1)
+    ln = r.randrange(1, min(maxlen, size - off) + 1)
+    data = ((bytes(r.getrandbits(8) for _ in range(61)) + bytes(3)) * (ln // 64 + 1))[:ln]
+    for fd in fds:
+        assert os.pwrite(fd, data, off) == ln
+    o2 = r.randrange(0, size - 1); l2 = r.randrange(1, min(maxlen, size - o2) + 1)
+    assert os.pread(fds[0], l2, o2) == os.pread(fds[1], l2, o2), "mismatch at %d+%d" % (o2, l2)
+    if i % 40 == 0:
+        os.fsync(fds[0])
+for fd in fds:
+    os.fsync(fd); os.close(fd)
+print("ok")
+`;
+
+export function mirrorWrites(seed: number, count: number, files: string[], maxLen = 200000): Run {
+  return py(MIRROR_WRITER, [String(seed), String(count), String(maxLen), ...files]);
+}

@@ -3,29 +3,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { childSha256, imgmount, mount, py, run, tmpdir } from '../helpers';
+import { childSha256, imgmount, mount, py, run, tmpdir, mirrorWrites } from '../helpers';
 
-const WRITER = `
-import os, random, sys
-seed, n = int(sys.argv[1]), int(sys.argv[2])
-files = sys.argv[3:]
-fds = [os.open(f, os.O_RDWR) for f in files]
-size = os.fstat(fds[0]).st_size
-r = random.Random(seed)
-for i in range(n):
-    off = r.randrange(0, size - 1)
-    ln = r.randrange(1, min(100000, size - off) + 1)
-    data = (bytes(r.getrandbits(8) for _ in range(61)) * (ln // 61 + 1))[:ln]
-    for fd in fds:
-        assert os.pwrite(fd, data, off) == ln
-    o2 = r.randrange(0, size - 1); l2 = r.randrange(1, min(100000, size - o2) + 1)
-    assert os.pread(fds[0], l2, o2) == os.pread(fds[1], l2, o2), "mismatch at %d+%d" % (o2, l2)
-    if i % 40 == 0:
-        os.fsync(fds[0])
-for fd in fds:
-    os.fsync(fd); os.close(fd)
-print("ok")
-`;
 
 const fuse = fs.existsSync('/dev/fuse');
 const formats: Array<[string, string[]]> = [
@@ -46,7 +25,7 @@ for (const [fmt, opts] of formats) {
     const m = mount(t, img, mnt, ['-f', fmt]);
     t.equal(m.code, 0, `mount: ${m.stderr}`);
     if (m.code !== 0) return;
-    const w = py(WRITER, ['7', '60', path.join(mnt, 'disk.raw'), ref]);
+    const w = mirrorWrites(7, 60, [path.join(mnt, 'disk.raw'), ref], 100000);
     t.equal(w.stdout.trim(), 'ok', `client: ${w.stderr}`);
     t.equal(childSha256(path.join(mnt, 'disk.raw')), childSha256(ref), 'mount equals the reference');
     t.equal(imgmount(['unmount', mnt]).code, 0, 'unmount');

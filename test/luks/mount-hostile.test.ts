@@ -1,30 +1,12 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { childSha256, imgmount, isMounted, mount, py, run, tmpdir } from '../helpers';
+import { childSha256, imgmount, isMounted, mount, py, run, tmpdir, mirrorWrites } from '../helpers';
 import { errOf, have, openLuksImage, PASS, passFile, qemuCreate } from './helpers';
 
 const fuse = fs.existsSync('/dev/fuse');
 const peers = have('qemu-img');
 
-const WRITER = `
-import os, random, sys
-seed, n = int(sys.argv[1]), int(sys.argv[2])
-fds = [os.open(f, os.O_RDWR) for f in sys.argv[3:]]
-size = os.fstat(fds[0]).st_size
-r = random.Random(seed)
-for i in range(n):
-    off = r.randrange(0, size - 1)
-    ln = r.randrange(1, min(100000, size - off) + 1)
-    data = (bytes(r.getrandbits(8) for _ in range(61)) * (ln // 61 + 1))[:ln]
-    for fd in fds:
-        assert os.pwrite(fd, data, off) == ln
-    o2 = r.randrange(0, size - 1); l2 = r.randrange(1, min(100000, size - o2) + 1)
-    assert os.pread(fds[0], l2, o2) == os.pread(fds[1], l2, o2), "mismatch at %d+%d" % (o2, l2)
-for fd in fds:
-    os.fsync(fd); os.close(fd)
-print("ok")
-`;
 
 for (const fmt of ['luks', 'qcow2'] as const) {
   // qcow2+LUKS: every data cluster goes through TypeScript; only zero entries reach the native
@@ -49,7 +31,7 @@ for (const fmt of ['luks', 'qcow2'] as const) {
     if (m.code !== 0) return;
     const ps = run('ps', ['-eo', 'args']).stdout;
     t.notOk(ps.includes(PASS), 'the passphrase is in no process argv');
-    const w = py(WRITER, ['3', '40', path.join(mnt, 'disk.raw'), ref]);
+    const w = mirrorWrites(3, 40, [path.join(mnt, 'disk.raw'), ref], 100000);
     t.equal(w.stdout.trim(), 'ok', `client: ${w.stderr}`);
     t.equal(childSha256(path.join(mnt, 'disk.raw')), childSha256(ref), 'mount equals the reference');
     t.equal(imgmount(['unmount', mnt]).code, 0, 'unmount');

@@ -3,25 +3,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { childSha256, imgmount, isMounted, mount, py, randomFile, run, sha256, tmpdir, waitFor } from '../helpers';
+import { childSha256, imgmount, isMounted, mount, py, randomFile, run, sha256, tmpdir, waitFor, mirrorWrites } from '../helpers';
 
-const WRITER = `
-import os, random, sys
-seed, n = int(sys.argv[1]), int(sys.argv[2])
-files = sys.argv[3:]
-fds = [os.open(f, os.O_RDWR) for f in files]
-size = os.fstat(fds[0]).st_size
-r = random.Random(seed)
-for i in range(n):
-    off = r.randrange(0, size - 1)
-    ln = r.randrange(1, min(200000, size - off) + 1)
-    data = (bytes([r.randrange(1, 256)]) * 61 + bytes(3)) * (ln // 64 + 1)
-    for fd in fds:
-        assert os.pwrite(fd, data[:ln], off) == ln
-for fd in fds:
-    os.fsync(fd); os.close(fd)
-print("ok")
-`;
 
 function qcow2(d: string, name: string, size: string, extra: string[] = []): string {
   const f = path.join(d, name);
@@ -39,7 +22,7 @@ t.test('random writes through a qcow2 mount: qemu-img check clean, compare equal
   fs.copyFileSync(base, ref);
   const mnt = path.join(d, 'm');
   t.equal(mount(t, img, mnt).code, 0);
-  const w = py(WRITER, ['5', '120', path.join(mnt, 'disk.raw'), ref]);
+  const w = mirrorWrites(5, 120, [path.join(mnt, 'disk.raw'), ref], 200000);
   t.equal(w.stdout.trim(), 'ok', w.stderr);
   t.equal(childSha256(path.join(mnt, 'disk.raw')), childSha256(ref), 'mount reads what was written');
   t.equal(imgmount(['unmount', mnt]).code, 0);
@@ -58,7 +41,7 @@ t.test('snapshot mode: the image is never modified until commit <mountpoint>', a
   run('qemu-img', ['convert', '-O', 'raw', img, ref]);
   const mnt = path.join(d, 'm');
   t.equal(mount(t, img, mnt, ['-s']).code, 0);
-  t.equal(py(WRITER, ['7', '40', path.join(mnt, 'disk.raw'), ref]).stdout.trim(), 'ok');
+  t.equal(mirrorWrites(7, 40, [path.join(mnt, 'disk.raw'), ref], 200000).stdout.trim(), 'ok');
   t.equal(sha256(fs.readFileSync(img)), before, 'image byte-identical while writing in -s mode');
   t.equal(run('qemu-img', ['check', '-U', img]).code, 0);
   const c = imgmount(['commit', mnt]);
@@ -67,7 +50,7 @@ t.test('snapshot mode: the image is never modified until commit <mountpoint>', a
   // more writes after the commit land in the emptied overlay only
   const ref2 = path.join(d, 'ref2.raw');
   fs.copyFileSync(ref, ref2);
-  t.equal(py(WRITER, ['8', '10', path.join(mnt, 'disk.raw'), ref2]).stdout.trim(), 'ok');
+  t.equal(mirrorWrites(8, 10, [path.join(mnt, 'disk.raw'), ref2], 200000).stdout.trim(), 'ok');
   t.equal(imgmount(['unmount', mnt]).code, 0);
   t.equal(run('qemu-img', ['check', img]).code, 0, 'image passes qemu-img check after commit');
   t.equal(run('qemu-img', ['compare', '-F', 'raw', img, ref]).code, 0, 'image holds exactly the committed state');

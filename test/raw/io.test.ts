@@ -3,31 +3,9 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import t from 'tap';
-import { childSha256, imgmount, mount, py, randomFile, run, sha256, tmpdir } from '../helpers';
+import { childSha256, imgmount, mount, py, randomFile, run, sha256, tmpdir, mirrorWrites } from '../helpers';
 
 // A python3 client applies the same pseudo-random unaligned writes to two files.
-const WRITER = `
-import os, random, sys
-seed, n = int(sys.argv[1]), int(sys.argv[2])
-files = sys.argv[3:]
-fds = [os.open(f, os.O_RDWR) for f in files]
-size = os.fstat(fds[0]).st_size
-r = random.Random(seed)
-for i in range(n):
-    off = r.randrange(0, size - 1)
-    ln = r.randrange(1, min(300000, size - off) + 1)
-    data = bytes(r.getrandbits(8) for _ in range(min(ln, 64))) * (ln // 64 + 1)
-    data = data[:ln]
-    for fd in fds:
-        assert os.pwrite(fd, data, off) == ln
-    # read back a random unaligned range from the mount and compare with the reference
-    o2 = r.randrange(0, size - 1); l2 = r.randrange(1, min(200000, size - o2) + 1)
-    a = os.pread(fds[0], l2, o2); b = os.pread(fds[1], l2, o2)
-    assert a == b, "mismatch at %d+%d" % (o2, l2)
-for fd in fds:
-    os.fsync(fd); os.close(fd)
-print("ok")
-`;
 
 for (const cache of ['writeback', 'none', 'writethrough', 'unsafe']) {
   t.test(`random unaligned writes match a reference file (cache=${cache})`, async (t) => {
@@ -39,7 +17,7 @@ for (const cache of ['writeback', 'none', 'writethrough', 'unsafe']) {
     const mnt = path.join(d, 'm');
     const m = mount(t, img, mnt, ['--cache', cache]);
     t.equal(m.code, 0, m.stderr);
-    const w = py(WRITER, ['11', '150', path.join(mnt, 'disk.raw'), ref]);
+    const w = mirrorWrites(11, 150, [path.join(mnt, 'disk.raw'), ref], 300000);
     t.equal(w.stdout.trim(), 'ok', `client: ${w.stderr}`);
     t.equal(childSha256(path.join(mnt, 'disk.raw')), childSha256(ref), 'mount equals reference');
     t.equal(imgmount(['unmount', mnt]).code, 0);
