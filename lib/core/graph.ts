@@ -32,6 +32,8 @@ export interface OpenOptions {
   noBacking?: boolean;
   /** an already opened node to use as the top image's backing (snapshot mode's overlay) */
   backingNode?: BlockNode;
+  /** only metadata will be read (info): encrypted images open without their secret */
+  headerOnly?: boolean;
 }
 
 const PROTOCOLS = new Set(['file', 'host_device']);
@@ -63,6 +65,7 @@ interface Ctx {
   depth: number;
   opened: Set<string>;
   backingNode?: BlockNode;
+  headerOnly?: boolean;
 }
 
 export async function openImage(spec: string, o: OpenOptions = {}): Promise<BlockNode> {
@@ -76,6 +79,7 @@ export async function openImage(spec: string, o: OpenOptions = {}): Promise<Bloc
     depth: 0,
     opened: new Set(),
     backingNode: o.backingNode,
+    headerOnly: o.headerOnly,
   };
   return openTree(tree, ctx, !!o.readOnly, 'image');
 }
@@ -143,6 +147,7 @@ async function openTree(tree: OptionTree, ctx: Ctx, readOnly: boolean, role: 'im
       secrets: ctx.secrets,
       filename: imageName,
       probed,
+      headerOnly: ctx.headerOnly,
       openBacking: async (bname, bfmt) => {
         if (ctx.backingNode && ctx.depth === 0) return ctx.backingNode;
         if (ctx.noBacking || backingOpt === 'null') return null;

@@ -98,6 +98,8 @@ export interface OpenContext {
   filename: string;
   /** the format was probed, not named by the user */
   probed: boolean;
+  /** only metadata will be asked for (info): an encrypted image may open without its secret */
+  headerOnly?: boolean;
   /** opens the backing node named in the header (null: none), honouring the user's `backing`
    *  options (backing=null, backing.driver=..., backing.file.filename=...); read-only */
   openBacking(filename: string | null, format: string | null): Promise<BlockNode | null>;

@@ -131,21 +131,22 @@ export function cipherAlgName(spec: SectorCipherSpec, keyBytes: number): string 
   return `${spec.alg}-${(spec.mode === 'xts' ? keyBytes / 2 : keyBytes) * 8}`;
 }
 
-function luks1Info(hd: Luks1Header): Record<string, unknown> {
+export function luks1Info(hd: Luks1Header): Record<string, unknown> {
+  // key order and units as qemu-img info prints them (QCryptoBlockInfoLUKS)
   const info: Record<string, unknown> = {
-    'cipher-alg': cipherAlgName(hd.spec, hd.keyBytes),
-    'cipher-mode': hd.spec.mode,
     'ivgen-alg': hd.spec.ivgen ?? 'plain64',
+    'hash-alg': hd.hashSpec,
+    'cipher-alg': cipherAlgName(hd.spec, hd.keyBytes),
+    uuid: hd.uuid,
   };
   if (hd.spec.ivgen === 'essiv') info['ivgen-hash-alg'] = hd.spec.ivHash;
   Object.assign(info, {
-    'hash-alg': hd.hashSpec,
+    'cipher-mode': hd.spec.mode,
+    slots: hd.slots.map((s) => (s.active
+      ? { active: true, iters: s.iterations, 'key-offset': s.keyOffset, stripes: s.stripes }
+      : { active: false, 'key-offset': s.keyOffset })),
     'payload-offset': hd.payloadOffset,
     'master-key-iters': hd.mkDigestIter,
-    uuid: hd.uuid,
-    slots: hd.slots.map((s) => (s.active
-      ? { active: true, iters: s.iterations, stripes: s.stripes, 'key-offset': s.keyOffset / SECTOR }
-      : { active: false, 'key-offset': s.keyOffset / SECTOR })),
   });
   return info;
 }

@@ -30,9 +30,9 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   // a format node that spans several files (vmdk extents) sums them itself
   const sizer = node.allocatedSize ? node : (node.file ?? node);
   if (sizer.allocatedSize) info['actual-size'] = await sizer.allocatedSize();
-  if (extra.encrypted) info.encrypted = true;
   const fs = node.formatSpecific ? await node.formatSpecific() : null;
   if (fs) info['format-specific'] = fs;
+  if (extra.encrypted) info.encrypted = true;
   for (const k of ['full-backing-filename', 'backing-filename']) {
     if (extra[k] !== undefined) info[k] = extra[k];
   }
@@ -45,7 +45,7 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
 }
 
 export async function imageInfo(spec: string, o: OpenOptions, backingChain: boolean): Promise<ImageInfo[]> {
-  const node = await openImage(spec, { ...o, readOnly: true, noBacking: !backingChain, shareRw: true });
+  const node = await openImage(spec, { ...o, readOnly: true, noBacking: !backingChain, shareRw: true, headerOnly: true });
   try {
     const out: ImageInfo[] = [];
     let cur: BlockNode | null | undefined = node;

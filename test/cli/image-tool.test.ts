@@ -156,3 +156,19 @@ t.test('an empty file probes as raw', async (t) => {
   t.equal(r.code, 0, r.stderr);
   t.equal((JSON.parse(r.stdout) as { format: string }).format, 'raw');
 });
+
+t.test('info on a LUKS image without its secret shows the header like qemu-img; reading needs the secret', async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'a.luks');
+  t.equal(run('qemu-img', ['create', '-q', '-f', 'luks', '--object', 'secret,id=s,data=pw', '-o',
+    'key-secret=s,iter-time=10,cipher-mode=cbc,ivgen-alg=essiv,ivgen-hash-alg=sha256', img, '4M']).code, 0);
+  for (const args of [['info', '--output', 'json', img], ['info', img]]) {
+    const a = imgmount(args);
+    t.equal(a.code, 0, a.stderr);
+    t.equal(a.stdout, run('qemu-img', args).stdout, `${args.join(' ')} equals qemu-img`);
+  }
+  const c = imgmount(['convert', '-O', 'raw', img, path.join(d, 'x.raw')]);
+  t.equal(c.code, 4, 'reading without the secret: exit 4');
+  t.match(c.stderr, /needs a secret: --object secret/);
+  t.notOk(fs.existsSync(path.join(d, 'x.raw')));
+});

@@ -4,7 +4,7 @@ import { ImgError } from '../../core/errors';
 import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, Preallocation, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
 import { createFile, FileNode } from '../../protocols/file';
-import { isLuks, openLuks, secretHint } from '../../crypto/luks';
+import { isLuks, openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions, UnlockedVolume } from '../../crypto/luks1';
 import type { SectorCipher } from '../../crypto/modes';
 
@@ -71,6 +71,26 @@ class LuksNode implements BlockNode {
   }
 }
 
+/** A LUKS image opened for its header only (info without a secret): no data is readable. */
+class LockedLuksNode implements BlockNode {
+  readonly driver = 'luks';
+  readonly backing = null;
+  readonly readOnly = true;
+  readonly align = 512;
+  mapInvalidator = null;
+  constructor(readonly file: BlockNode, private payloadOffset: number, private info: Record<string, unknown>) {}
+  get filename(): string { return this.file.filename; }
+  get size(): number { return Math.floor(Math.max(0, this.file.size - this.payloadOffset) / 512) * 512; }
+  async read(): Promise<void> {
+    throw new ImgError('crypto', secretHint(`${this.file.filename}: LUKS image`, 'key-secret'));
+  }
+  async blockStatus(offset: number, length: number): Promise<Extent> { return { offset, length, state: 'data' }; }
+  async allocatedSize(): Promise<number> { return this.file.allocatedSize ? this.file.allocatedSize() : this.file.size; }
+  async infoExtra(): Promise<Record<string, unknown>> { return { encrypted: true }; }
+  async formatSpecific(): Promise<{ type: string; data: Record<string, unknown> }> { return { type: 'luks', data: { ...this.info } }; }
+  async close(): Promise<void> { await this.file.close(); }
+}
+
 function passphrase(ctx: { secrets: OpenContext['secrets'] }, id: string | undefined, what: string, opt: string): Buffer {
   if (id === undefined) throw new ImgError('crypto', secretHint(what, opt));
   if (!ctx.secrets.has(id)) throw new ImgError('crypto', `No secret with id '${id}' (pass it with --object secret,id=${id},file=PASSFILE)`);
@@ -87,6 +107,10 @@ export const luksDriver: FormatDriver = {
     const r = new OptionReader(ctx.options, 'luks');
     const id = r.str('key-secret');
     r.finish();
+    if (id === undefined && ctx.headerOnly) {
+      const hdr = await readLuksHeaderInfo({ size: file.size, read: (b, o) => file.read(b, o) });
+      if (hdr) return new LockedLuksNode(file, hdr.payloadOffset, hdr.info);
+    }
     const pass = passphrase(ctx, id, `${file.filename}: LUKS image`, 'key-secret');
     try {
       const vol = await openLuks({ size: file.size, read: (b, o) => file.read(b, o) }, pass, true);
