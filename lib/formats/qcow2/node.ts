@@ -203,6 +203,8 @@ export class Qcow2Node implements BlockNode {
   }
 
   async loadL2(off: number): Promise<Buffer> {
+    const dirty = this.dirtyL2.get(off);
+    if (dirty) return dirty;
     return this.l2Cache.load(off, this.cs, (b, o) => this.file.read(b, o));
   }
 
@@ -636,6 +638,20 @@ export class Qcow2Node implements BlockNode {
   // which waits for the data of every pending allocation and links it itself.
   private allocInflight = new Map<number, Promise<void>>();
   private pendingLinks = new Set<PendingAlloc>();
+  /** L2 tables with linked entries not yet on disk (pinned here, so eviction cannot lose them) */
+  private dirtyL2 = new Map<number, Buffer>();
+
+  private async writeDirtyL2(): Promise<void> {
+    for (const [off, buf] of [...this.dirtyL2]) {
+      await this.file.write!(buf, off);
+      // unpin only after the table is on disk, so a reload can never see the old entries
+      if (this.dirtyL2.get(off) === buf) {
+        this.dirtyL2.delete(off);
+        this.l2Cache.set(off, buf);
+      }
+    }
+  }
+
 
   private async writeAllocPipelined(buf: Uint8Array, pos: number): Promise<number> {
     if (this.dataFile || this.extL2) return 0;
@@ -713,7 +729,10 @@ export class Qcow2Node implements BlockNode {
     this.pendingLinks.delete(plan);
     const l2 = await this.loadL2(plan.l2off);
     plan.items.forEach((it, i) => this.setL2(l2, it.idx, plan.host0 + i * this.cs, true, false));
-    await this.writeL2Range({ buf: l2, off: plan.l2off }, plan.items[0].idx, plan.items[plan.items.length - 1].idx + 1);
+    // Written back at the next flush (or before any operation that needs the metadata quiet),
+    // as qemu's writeback L2 cache: the refcounts and the data are on disk already, so a crash
+    // before then loses the unflushed writes and leaks their clusters, nothing worse.
+    this.dirtyL2.set(plan.l2off, l2);
     // a map learnt while the data was in flight saw the old (unallocated) state; whole
     // clusters, since a zero entry learnt for the untouched rest of a cluster is stale as
     // well once later in-place writes (which do not invalidate) land there
@@ -793,6 +812,7 @@ export class Qcow2Node implements BlockNode {
   /** waits for in-place data writes that may target clusters about to be freed or shared */
   async drainFastWrites(): Promise<void> {
     await this.settlePendingAllocs();
+    await this.writeDirtyL2();
     while (this.fastWrites.size) await Promise.allSettled([...this.fastWrites]);
   }
 
@@ -808,7 +828,7 @@ export class Qcow2Node implements BlockNode {
     await this.setL1(l1i, newOff, true);
     if (off) {
       await this.updateRefcount(off, this.cs, -1);
-      if ((await this.refcount(off / this.cs)) === 0) this.l2Cache.drop(off);
+      if ((await this.refcount(off / this.cs)) === 0) { this.l2Cache.drop(off); this.dirtyL2.delete(off); }
     }
     return { buf: content, off: newOff };
   }
@@ -1020,6 +1040,8 @@ export class Qcow2Node implements BlockNode {
 
   async flush(): Promise<void> {
     await this.lock.run(async () => {
+      await this.settlePendingAllocs();
+      await this.writeDirtyL2();
       if (this.dataFile?.flush && !this.dataFile.readOnly) await this.dataFile.flush();
       if (!this.readOnly && this.file.flush) await this.file.flush();
     });
@@ -1127,7 +1149,7 @@ export class Qcow2Node implements BlockNode {
         await this.setL1(i, 0, false);
         for (const inf of infos) if (inf.kind === 'compressed' || inf.has) await this.freeEntry(inf);
         await this.updateRefcount(off, this.cs, -1);
-        this.l2Cache.drop(off);
+        { this.l2Cache.drop(off); this.dirtyL2.delete(off); }
       }
       await this.file.flush?.();
     });
