@@ -13,6 +13,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { writeUdif } from './udif';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const IMGMOUNT = path.join(ROOT, 'bin', 'imgmount');
@@ -191,15 +192,17 @@ const liveMounts = new Set<Mounted>();
 interface Side {
   key: 'imgmount' | 'qsd';
   label: string;
-  mount(image: string, format: string, where: string, o: Options): Promise<Mounted>;
+  /** base: the shared scratch directory (as for Scenario.prepare); where: the scenario's own */
+  mount(image: string, sc: Scenario, base: string, where: string, o: Options): Promise<Mounted>;
 }
 
 const imgmountSide: Side = {
   key: 'imgmount',
   label: 'imgmount',
-  async mount(image, format, where, o) {
+  async mount(image, sc, base, where, o) {
     const mnt = path.join(where, 'mnt-imgmount');
-    const args = [IMGMOUNT, 'mount', '-f', format, ...(o.threads ? ['--threads', String(o.threads)] : []), image, mnt];
+    const args = [IMGMOUNT, 'mount', '-f', sc.format, ...(sc.readOnly ? ['-r'] : []), ...(sc.imgmountArgs?.(base) ?? []),
+      ...(o.threads ? ['--threads', String(o.threads)] : []), image, mnt];
     let stopped = false;
     const m: Mounted = {
       file: path.join(mnt, 'disk.raw'),
@@ -240,13 +243,15 @@ const imgmountSide: Side = {
 const qsdSide: Side = {
   key: 'qsd',
   label: 'qemu-storage-daemon',
-  async mount(image, format, where) {
+  async mount(image, sc, _base, where) {
     const mnt = path.join(where, 'mnt-qsd');
     fs.writeFileSync(mnt, ''); // the FUSE export's mountpoint is a regular file
+    const ro = sc.readOnly ? ',read-only=on' : '';
     const args = [
-      '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off`,
-      '--blockdev', `driver=${format},node-name=fmt0,file=file0`,
-      '--export', `type=fuse,id=exp0,node-name=fmt0,mountpoint=${mnt},writable=on`,
+      ...(sc.qsdArgs ?? []),
+      '--blockdev', `driver=file,node-name=file0,filename=${image},cache.direct=off${ro}`,
+      '--blockdev', `driver=${sc.format},node-name=fmt0,file=file0${ro}${sc.qsdFormatOptions ? ',' + sc.qsdFormatOptions : ''}`,
+      '--export', `type=fuse,id=exp0,node-name=fmt0,mountpoint=${mnt},writable=${sc.readOnly ? 'off' : 'on'}`,
     ];
     const child = spawn('qemu-storage-daemon', args, { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
@@ -352,6 +357,14 @@ interface Scenario {
   once?: boolean;
   /** returns why the scenario cannot run with this imgmount, or null */
   skipReason?(image: string): Promise<string | null>;
+  /** both sides export read-only (imgmount -r; qemu-storage-daemon read-only=on, writable=off) */
+  readOnly?: boolean;
+  /** extra `imgmount mount` arguments, e.g. --object/-o (dir: the shared scratch directory, as for prepare) */
+  imgmountArgs?(dir: string): string[];
+  /** extra qemu-storage-daemon arguments before the blockdevs (e.g. --object) */
+  qsdArgs?: string[];
+  /** options appended to qemu-storage-daemon's format blockdev (e.g. key-secret=sec0) */
+  qsdFormatOptions?: string;
 }
 
 const randomRawCache = new Map<string, Promise<string>>();
@@ -369,6 +382,28 @@ function randomRaw(dir: string): Promise<string> {
   }
   return p;
 }
+
+const compressibleCache = new Map<string, Promise<string>>();
+/** a 256 MiB raw file: 128 MiB of random data, then 128 MiB of text lines (numbered, otherwise
+ *  the same), made once per scratch directory; the source of the compressed read-only formats */
+function compressibleRaw(dir: string): Promise<string> {
+  let p = compressibleCache.get(dir);
+  if (!p) {
+    p = (async () => {
+      const f = path.join(dir, 'mixed-256M.raw');
+      log('making a 256 MiB raw image: half random data, half text');
+      await runOk('sh', ['-c', `{ head -c 128M /dev/urandom && `
+        + `seq -f 'line %010.0f: the quick brown fox jumps over the lazy dog' 1 3000000 | head -c 128M; } > "${f}"`], 600);
+      if (fs.statSync(f).size !== 256 * 1024 * 1024) throw new Error(`${f}: not 256 MiB`);
+      return f;
+    })();
+    compressibleCache.set(dir, p);
+  }
+  return p;
+}
+
+const LUKS_PASS = 'benchpass';
+const LUKS_QEMU_SECRET = `secret,id=sec0,data=${LUKS_PASS}`;
 
 async function imgmountInfoSkip(image: string, format: string): Promise<string | null> {
   const args = [IMGMOUNT, 'info', '-f', format, image];
@@ -409,6 +444,60 @@ const SCENARIOS: Scenario[] = [
     freshPerRun: true,
     once: true,
     skipReason: (image) => imgmountInfoSkip(image, 'qcow2'),
+  },
+  {
+    name: 'luks',
+    format: 'luks',
+    description: '1 GiB LUKS1 image (aes-256-xts-plain64, sha256), every sector written (`qemu-io write -P 0x5a`); '
+      + 'passphrase via `--object secret` on both sides',
+    async prepare(dir) {
+      const f = path.join(dir, 'full.luks');
+      // imgmount reads the passphrase from a file, as a user would (qemu-storage-daemon gets data=)
+      fs.writeFileSync(path.join(dir, 'luks.pass'), LUKS_PASS, { mode: 0o600 });
+      const create = ['create', '-q', '-f', 'luks', '--object', LUKS_QEMU_SECRET,
+        '-o', 'key-secret=sec0,iter-time=10,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256', f, '1G'];
+      // qemu's PBKDF2 calibration now and then fails with "Unable to get accurate CPU usage"
+      // (it measured 0 ms of thread CPU time): try again
+      for (let attempt = 1; ; attempt++) {
+        const r = await run('qemu-img', create, 60);
+        if (r.code === 0) break;
+        if (attempt >= 20 || !/accurate CPU usage/.test(r.stderr)) throw new Error(describe('qemu-img', create, r));
+        log(`qemu-img create -f luks: ${r.stderr.trim()}; retrying`);
+        checkAbort();
+      }
+      await runOk('qemu-io', ['--object', LUKS_QEMU_SECRET, '--image-opts', `driver=luks,key-secret=sec0,file.filename=${f}`,
+        '-c', 'write -q -P 0x5a 0 512M', '-c', 'write -q -P 0x5a 512M 512M'], 600);
+      return f;
+    },
+    imgmountArgs: (dir) => ['--object', `secret,id=sec0,file=${path.join(dir, 'luks.pass')}`, '-o', 'key-secret=sec0'],
+    qsdArgs: ['--object', LUKS_QEMU_SECRET],
+    qsdFormatOptions: 'key-secret=sec0',
+  },
+  {
+    name: 'cloop',
+    format: 'cloop',
+    description: 'read-only: 256 MiB (half random, half text) compressed with `create_compressed_fs -B 65536` (zlib, 64 KiB blocks)',
+    async prepare(dir) {
+      const f = path.join(dir, 'mixed.cloop');
+      await runOk('create_compressed_fs', ['-q', '-B', '65536', await compressibleRaw(dir), f], 600);
+      return f;
+    },
+    jobs: ['seqread'],
+    readOnly: true,
+    skipReason: (image) => imgmountInfoSkip(image, 'cloop'),
+  },
+  {
+    name: 'dmg-zlib',
+    format: 'dmg',
+    description: 'read-only: UDZO dmg (zlib, 1 MiB chunks; written by bench/udif.ts) of 256 MiB (half random, half text)',
+    async prepare(dir) {
+      const f = path.join(dir, 'mixed.dmg');
+      writeUdif(await compressibleRaw(dir), f);
+      return f;
+    },
+    jobs: ['seqread'],
+    readOnly: true,
+    skipReason: (image) => imgmountInfoSkip(image, 'dmg'),
   },
 ];
 
@@ -454,7 +543,7 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
         if (sc.freshPerRun) await copyImage(master, images[side.key]);
         await dropCaches(o);
         checkAbort();
-        const m = await side.mount(images[side.key], sc.format, dir, o);
+        const m = await side.mount(images[side.key], sc, base, dir, o);
         let s: Sample;
         try {
           s = await fio(jr.job, m.file, size, o, !!sc.once);
@@ -506,7 +595,8 @@ function report(o: Options, all: ScenarioResult[], machineLines: string[], comma
   L.push('# Benchmarks', '');
   L.push('<!-- generated by `npm run bench` (bench/run.ts); do not edit by hand -->', '');
   L.push(`imgmount against qemu-storage-daemon's FUSE export (\`--blockdev driver=file,...,cache.direct=off\`, `
-    + `\`--export type=fuse,...,writable=on\`) on copies of the same image. fio `
+    + `\`--export type=fuse,...,writable=on\`; read-only scenarios: \`read-only=on\` on both blockdevs and \`writable=off\`, `
+    + `imgmount \`-r\`) on copies of the same image. fio `
     + `with \`ioengine=libaio, direct=1\`, ${o.runtime} s time-based after a 1 s ramp, size = the whole disk. `
     + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
     + `${o.rounds} round(s); in each round every job runs on both sides, and which side goes first alternates per round. `
