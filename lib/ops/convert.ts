@@ -54,14 +54,14 @@ export async function copyNode(src: BlockNode, dst: BlockNode, o: { compressed?:
       await readAt(src, b, win);
       // write runs of non-zero granules, each run in one request
       let runStart = -1;
-      for (let g = 0; g <= len; g += GRANULE) {
-        const sub = b.subarray(g, Math.min(len, g + GRANULE));
-        const keep = g < len && (o.noSparse || !isZero(sub));
+      for (let g = 0; ; g = Math.min(len, g + GRANULE)) {
+        const keep = g < len && (o.noSparse || !isZero(b.subarray(g, Math.min(len, g + GRANULE))));
         if (keep && runStart < 0) runStart = g;
         if (!keep && runStart >= 0) {
           await writeAt(dst, b.subarray(runStart, g), win + runStart, flags);
           runStart = -1;
         }
+        if (g >= len) break; // the last (possibly short) granule has been looked at
       }
     }
     o.progress?.update(win + len, src.size);

@@ -47,3 +47,19 @@ t.test('qemu-img convert -c output reads identically; convert -c to raw is refus
   t.match(r.stderr, /Compression not supported/);
   t.notOk(fs.existsSync(path.join(d, 'x.raw')));
 });
+
+t.test('convert keeps every byte of images whose size is not a multiple of the copy window', async (t) => {
+  const d = tmpdir(t);
+  for (const size of [1, 307200, 1049088, 1355776, 5000000]) {
+    const src = path.join(d, `s${size}.raw`);
+    randomFile(src, Math.ceil(size / 4) * 4, size);
+    fs.truncateSync(src, size);
+    for (const fmt of ['raw', 'qcow2', 'vmdk', 'vdi']) {
+      const dst = path.join(d, `t${size}.${fmt}`);
+      const r = imgmount(['convert', '-f', 'raw', '-O', fmt, src, dst]);
+      t.equal(r.code, 0, `${fmt} ${size}: ${r.stderr}`);
+      const c = run('qemu-img', ['compare', '-f', 'raw', '-F', fmt, src, dst]);
+      t.equal(c.code, 0, `${fmt}, ${size} bytes: ${c.stdout.trim()}`);
+    }
+  }
+});
