@@ -6,6 +6,9 @@ import type { BlockNode, Extent, FormatDriver, OpenContext } from '../../core/no
 import { OptionReader } from '../../core/options';
 import { ChunkCache } from '../dmg/cache';
 
+/** how far ahead of a sequential reader blocks are decompressed */
+const READAHEAD = 1 << 20;
+
 const HEADER = 128;
 export const CLOOP_MAGIC = '#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n';
 /** qemu's cap on the block size (it needs a buffer this big) */
@@ -36,16 +39,29 @@ export class CloopNode implements BlockNode {
     return { offset, length: Math.min(length, this.size - offset), state: 'data' };
   }
 
+  private nextSequential = -1;
+
   async read(buf: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const off = offset + done;
-      const bi = Math.floor(off / this.blockSize);
-      const within = off - bi * this.blockSize;
-      const n = Math.min(buf.length - done, this.blockSize - within);
-      const data = await this.cache.get(bi, () => this.load(bi));
-      buf.set(data.subarray(within, within + n), done);
-      done += n;
+    const first = Math.floor(offset / this.blockSize);
+    const last = Math.floor((offset + buf.length - 1) / this.blockSize);
+    // every block of the request decompresses at once (libuv's pool), and a sequential reader
+    // gets the next 1 MiB decompressed ahead of it
+    if (first === this.nextSequential || first === this.nextSequential - 1) {
+      const ahead = Math.max(1, Math.ceil(READAHEAD / this.blockSize));
+      const keys: number[] = [];
+      for (let b = last + 1; b <= Math.min(this.blockCount - 1, last + ahead); b++) keys.push(b);
+      this.cache.prefetch(keys, (b) => this.load(b), 2 * ahead + 8);
+    }
+    this.nextSequential = last + 1;
+    for (let b0 = first; b0 <= last; b0 += 64) {
+      const b1 = Math.min(last, b0 + 63);
+      const blocks = await Promise.all(Array.from({ length: b1 - b0 + 1 }, (_, k) => this.cache.get(b0 + k, () => this.load(b0 + k))));
+      blocks.forEach((data, k) => {
+        const bStart = (b0 + k) * this.blockSize;
+        const from = Math.max(offset, bStart);
+        const to = Math.min(offset + buf.length, bStart + this.blockSize);
+        buf.set(data.subarray(from - bStart, to - bStart), from - offset);
+      });
     }
   }
 
@@ -57,7 +73,7 @@ export class CloopNode implements BlockNode {
     let out: Buffer;
     try {
       out = await new Promise<Buffer>((resolve, reject) => {
-        zlib.inflate(src, { maxOutputLength: this.blockSize + 1 } as zlib.ZlibOptions, (e, r) => (e ? reject(e) : resolve(r)));
+        zlib.inflate(src, { maxOutputLength: this.blockSize + 1, chunkSize: this.blockSize + 1 } as zlib.ZlibOptions, (e, r) => (e ? reject(e) : resolve(r)));
       });
     } catch (e) {
       return bad(`block ${bi} does not decompress: ${(e as Error).message.split('\n')[0]}`);

@@ -23,6 +23,21 @@ export class ChunkCache {
     return q;
   }
 
+  /** true when the chunk is cached or being loaded */
+  has(key: number): boolean { return this.map.has(key) || this.pending.has(key); }
+
+  /**
+   * Readahead for sequential readers: starts loading `keys` in the background (they land in
+   * the cache), at most `limit` loads in flight at once. Errors are left for the real read.
+   */
+  prefetch(keys: number[], load: (k: number) => Promise<Buffer>, limit: number): void {
+    for (const k of keys) {
+      if (this.pending.size >= limit) return;
+      if (this.has(k)) continue;
+      this.get(k, () => load(k)).catch(() => undefined);
+    }
+  }
+
   private put(key: number, b: Buffer): void {
     if (b.length > this.maxBytes) return;
     this.map.set(key, b);

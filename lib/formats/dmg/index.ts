@@ -152,7 +152,13 @@ async function readExact(file: BlockNode, offset: number, length: number): Promi
   return b;
 }
 
-function decompressOptions(len: number): zlib.ZlibOptions { return { maxOutputLength: Math.max(1, len + 1) } as zlib.ZlibOptions; }
+// One output chunk of the whole expected size: with zlib's default 16 KiB chunks every piece
+// makes a round trip to the JavaScript thread and the pieces are concatenated afterwards.
+function decompressOptions(len: number): zlib.ZlibOptions {
+  return { maxOutputLength: Math.max(1, len + 1), chunkSize: Math.max(64, Math.min(len + 1, 64 << 20)) } as zlib.ZlibOptions;
+}
+
+const READAHEAD_BYTES = 2 << 20;
 
 function inflate(src: Buffer, outLen: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
@@ -217,6 +223,21 @@ export class DmgNode implements BlockNode {
     return { offset, length: Math.min(length, end - offset), state: zero ? 'zero' : 'data' };
   }
 
+  private nextSequential = -1;
+
+  /** a sequential reader gets the next compressed chunks (up to ~2 MiB) decompressed ahead */
+  private readAhead(from: number): void {
+    const keys: number[] = [];
+    let bytes = 0;
+    for (let k = from; k < this.chunks.length && bytes < READAHEAD_BYTES && keys.length < 16; k++) {
+      const c = this.chunks[k];
+      if (c.type === ChunkType.Zero || c.type === ChunkType.Ignore || c.type === ChunkType.Raw) continue;
+      keys.push(k);
+      bytes += c.length;
+    }
+    this.cache.prefetch(keys, (k) => this.decompress(this.chunks[k]), 8);
+  }
+
   async read(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
@@ -236,6 +257,8 @@ export class DmgNode implements BlockNode {
       if (c.type === ChunkType.Zero || c.type === ChunkType.Ignore) dst.fill(0);
       else if (c.type === ChunkType.Raw) await this.file.read(dst, c.hostOffset + (off - c.start));
       else {
+        if (i === this.nextSequential) this.readAhead(i + 1);
+        this.nextSequential = i + 1;
         const data = await this.cache.get(i, () => this.decompress(c));
         dst.set(data.subarray(off - c.start, off - c.start + n));
       }

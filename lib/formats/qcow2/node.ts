@@ -353,7 +353,7 @@ export class Qcow2Node implements BlockNode {
     let out: Buffer;
     try {
       if (this.hdr.compressionType === 1) out = await zstdDecompress(src, this.cs);
-      else out = await inflateRaw(src, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs }) as Buffer;
+      else out = await inflateRaw(src, { finishFlush: zlib.constants.Z_SYNC_FLUSH, maxOutputLength: this.cs, chunkSize: Math.max(64, this.cs) }) as Buffer;
     } catch (e) {
       if (e instanceof ImgError) throw e;
       throw new ImgError('image', `qcow2: could not decompress cluster at guest offset ${gc * this.cs}: ${(e as Error).message}`);
