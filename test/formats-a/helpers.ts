@@ -137,3 +137,26 @@ export function u32le(v: number): Buffer { const b = Buffer.alloc(4); b.writeUIn
 export function u32be(v: number): Buffer { const b = Buffer.alloc(4); b.writeUInt32BE(v >>> 0); return b; }
 export function u64le(v: bigint): Buffer { const b = Buffer.alloc(8); b.writeBigUInt64LE(v); return b; }
 export function u64be(v: bigint): Buffer { const b = Buffer.alloc(8); b.writeBigUInt64BE(v); return b; }
+
+/**
+ * An image qemu-img created (with `opts`) and filled with scattered qemu-io pattern writes:
+ * qemu's view and ours equal the reference, and info (JSON and human) — and the JSON map unless
+ * `map` is false — equal qemu-img's. Returns the reference contents.
+ */
+export async function qemuMadeMatches(t: T, dir: string, img: string, fmt: string, opts: string, size: number,
+  map = true): Promise<Buffer> {
+  qemuImg('create', '-q', '-f', fmt, ...(opts ? ['-o', opts] : []), img, String(size));
+  const ref = Buffer.alloc(size);
+  qemuWrite(img, fmt, scatteredWrites(size), ref);
+  t.equal(firstDiff(qemuRaw(dir, img), ref), -1, `${opts}: qemu agrees with the reference`);
+  t.equal(firstDiff(await ourView(img), ref), -1, `${opts}: we read what qemu wrote`);
+  const i = await infoBoth(img, fmt);
+  t.equal(i[0], i[1], `${opts}: info --output json equals qemu-img's`);
+  const h = await infoHumanBoth(img, fmt);
+  t.equal(h[0], h[1], 'human info equals qemu-img\'s');
+  if (map) {
+    const m = await mapBoth(img, fmt);
+    t.equal(m[0], m[1], `${opts}: map --output json equals qemu-img's`);
+  }
+  return ref;
+}

@@ -5,7 +5,7 @@ import { openImage } from '../../lib/core/graph';
 import { writeAt } from '../../lib/core/io';
 import {
   assertContents, cli, errKind, firstDiff, infoBoth, infoHumanBoth, mapBoth, ourCreate, ourView, patch, qemuCheck, qemuImg, qemuImgStatus, qemuRaw,
-  qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le,
+  qemuMadeMatches, qemuWrite, randomWrites, scatteredWrites, tmpdir, u32le,
 } from './helpers';
 
 const FMT = 'parallels';
@@ -15,17 +15,7 @@ t.test('qemu-written images read identically; info, map and check match qemu-img
   const dir = tmpdir(t);
   for (const [opts, size] of [['', 5 << 20], ['cluster_size=64k', (3 << 20) + 1536], ['cluster_size=4k', 1 << 20]] as const) {
     const img = path.join(dir, `a${opts.length}.hdd`);
-    qemuImg('create', '-q', '-f', FMT, ...(opts ? ['-o', opts] : []), img, String(size));
-    const ref = Buffer.alloc(size);
-    qemuWrite(img, FMT, scatteredWrites(size), ref);
-    t.equal(firstDiff(qemuRaw(dir, img), ref), -1, `${opts}: qemu agrees with the reference`);
-    t.equal(firstDiff(await ourView(img), ref), -1, `${opts}: we read what qemu wrote`);
-    const i = await infoBoth(img, FMT);
-    t.equal(i[0], i[1], `${opts}: info --output json equals qemu-img's`);
-    const h = await infoHumanBoth(img, FMT);
-    t.equal(h[0], h[1], 'human info equals qemu-img\'s');
-    const m = await mapBoth(img, FMT);
-    t.equal(m[0], m[1], `${opts}: map --output json equals qemu-img's`);
+    await qemuMadeMatches(t, dir, img, FMT, opts, size);
     const c = await cli(['check', '--output', 'json', img]);
     t.same(JSON.parse(c.stdout), JSON.parse(qemuImg('check', '--output', 'json', img)), `${opts}: check json equals qemu-img's`);
   }
