@@ -28,11 +28,23 @@
 
 #include "fuse_proto.h"
 
+/* Sector encryption in the native data path uses the OpenSSL that Node itself exports
+ * (its headers ship with Node's). Without them the addon still builds and every
+ * encrypted request goes to JavaScript. */
+#if defined(__has_include)
+#if __has_include(<openssl/evp.h>)
+#include <openssl/evp.h>
+#define HAVE_CRYPTO 1
+#endif
+#endif
+
 extern char **environ;
 
 #define MAP_F_WRITABLE 1
 #define MAP_F_ZERO 2
 #define MAP_F_DIRECT 4
+#define MAP_F_CRYPT 8 /* sectors are encrypted on the host; bits 8.. carry the crypt id */
+#define MAX_CRYPT 64
 #define MAP_CAP_ENTRIES (4u * 1024 * 1024)
 #define MAX_THREADS 64
 #define WAKE_SIG (SIGRTMIN + 5)
@@ -170,6 +182,29 @@ typedef struct node {
   int file; /* index into files or -1 */
 } node_t;
 
+/* A sector cipher the JS side registered: immutable once published. The IV of the sector
+ * holding host byte h is (h - ivbase) / sector, little-endian in 16 bytes (dm-crypt's
+ * plain64; ivbits 32 = plain, 0 = no IV). */
+typedef struct {
+#ifdef HAVE_CRYPTO
+  EVP_CIPHER *cipher;
+#endif
+  uint8_t key[64];
+  int keylen;
+  uint32_t sector;
+  int64_t ivbase;
+  int ivbits;
+} crypt_t;
+
+/* per worker thread: OpenSSL contexts are not shareable */
+typedef struct {
+#ifdef HAVE_CRYPTO
+  EVP_CIPHER_CTX *ctx[MAX_CRYPT][2];
+#else
+  int unused;
+#endif
+} crypt_tls_t;
+
 typedef struct {
   uint64_t ino;
   uint64_t size;   /* atomic */
@@ -234,6 +269,7 @@ typedef struct server {
   int refs;         /* external + tsfn (atomic) */
 
   uint64_t st_native_reads, st_native_writes, st_js;
+  crypt_t *crypts[MAX_CRYPT]; /* set once each by the JS thread (release), read by workers */
 } server_t;
 
 static void server_free(server_t *s) {
@@ -250,6 +286,14 @@ static void server_free(server_t *s) {
   for (int b = 0; b < PEND_BUCKETS; b++) {
     r = s->pending[b];
     while (r) { jsreq_t *n = r->next; free(r->data); free(r); r = n; }
+  }
+  for (int c = 0; c < MAX_CRYPT; c++) {
+    if (!s->crypts[c]) continue;
+#ifdef HAVE_CRYPTO
+    EVP_CIPHER_free(s->crypts[c]->cipher);
+#endif
+    memset(s->crypts[c]->key, 0, sizeof s->crypts[c]->key);
+    free(s->crypts[c]);
   }
   pthread_mutex_destroy(&s->qlock);
   free(s);
@@ -379,7 +423,7 @@ static ssize_t map_find(const extmap_t *m, uint64_t off) {
 
 /* Is [off, off+len) covered by contiguous extents all satisfying the flags test?
  * Returns first index or -1. */
-static ssize_t map_cover(const extmap_t *m, uint64_t off, uint64_t len, int for_write) {
+static ssize_t map_cover(server_t *s, const extmap_t *m, uint64_t off, uint64_t len, int for_write) {
   ssize_t i = map_find(m, off);
   if (i < 0) return -1;
   uint64_t pos = off, end = off + len;
@@ -393,6 +437,12 @@ static ssize_t map_cover(const extmap_t *m, uint64_t off, uint64_t len, int for_
     if (e->flags & MAP_F_DIRECT) {
       uint64_t h = e->host + (pos - e->guest);
       if ((pos | h | (pend - pos)) & 4095) return -1;
+    }
+    if (e->flags & MAP_F_CRYPT) {
+      /* only whole sectors: partial ones need read-modify-write, which JS does */
+      const crypt_t *c = __atomic_load_n(&s->crypts[(e->flags >> 8) % MAX_CRYPT], __ATOMIC_ACQUIRE);
+      int64_t rel = (int64_t)(e->host + (pos - e->guest)) - (c ? c->ivbase : 0);
+      if (!c || rel < 0 || (uint64_t)rel % c->sector || (pend - pos) % c->sector) return -1;
     }
     pos = pend;
     j++;
@@ -430,11 +480,53 @@ static int do_pwrite_full(int fd, const uint8_t *buf, uint64_t len, uint64_t off
   return 0;
 }
 
+/* En- or decrypts whole sectors from `in` to `out` (may be equal); host = host offset of in[0]. */
+static int crypt_run(server_t *s, crypt_tls_t *tl, uint32_t flags, int enc, uint8_t *out, const uint8_t *in,
+                     uint64_t len, uint64_t host) {
+#ifdef HAVE_CRYPTO
+  uint32_t id = (flags >> 8) % MAX_CRYPT;
+  const crypt_t *c = __atomic_load_n(&s->crypts[id], __ATOMIC_ACQUIRE);
+  if (!c) return EIO;
+  EVP_CIPHER_CTX *ctx = tl->ctx[id][enc];
+  if (!ctx) {
+    ctx = EVP_CIPHER_CTX_new();
+    if (!ctx || EVP_CipherInit_ex(ctx, c->cipher, NULL, c->key, NULL, enc) != 1) {
+      EVP_CIPHER_CTX_free(ctx);
+      return EIO;
+    }
+    EVP_CIPHER_CTX_set_padding(ctx, 0);
+    tl->ctx[id][enc] = ctx;
+  }
+  uint64_t sector = (uint64_t)((int64_t)host - c->ivbase) / c->sector;
+  for (uint64_t p = 0; p < len; p += c->sector, sector++) {
+    int outl = 0;
+    if (c->ivbits) {
+      uint8_t iv[16] = {0};
+      uint64_t v = c->ivbits == 32 ? (sector & 0xffffffffu) : sector;
+      for (int b = 0; b < 8; b++) iv[b] = (uint8_t)(v >> (8 * b));
+      if (EVP_CipherInit_ex(ctx, NULL, NULL, NULL, iv, -1) != 1) return EIO;
+    }
+    if (EVP_CipherUpdate(ctx, out + p, &outl, in + p, (int)c->sector) != 1 || outl != (int)c->sector) return EIO;
+  }
+  return 0;
+#else
+  return EIO;
+#endif
+}
+
+static void crypt_tls_free(crypt_tls_t *tl) {
+#ifdef HAVE_CRYPTO
+  for (int i = 0; i < MAX_CRYPT; i++)
+    for (int k = 0; k < 2; k++) EVP_CIPHER_CTX_free(tl->ctx[i][k]);
+#endif
+  memset(tl, 0, sizeof *tl);
+}
+
 /* Serve natively if covered; returns 1 if handled (reply sent), 0 if JS must do it */
-static int native_read(server_t *s, int fd, file_t *f, uint64_t unique, uint64_t off, uint64_t len,
-                       uint8_t *buf) {
+static int native_read(server_t *s, crypt_tls_t *tl, int fd, file_t *f, uint64_t unique, uint64_t off,
+                       uint64_t len, uint8_t *buf) {
   pthread_rwlock_rdlock(&f->lock);
-  ssize_t i = map_cover(&f->map, off, len, 0);
+  ssize_t i = map_cover(s, &f->map, off, len, 0);
   if (i < 0) { pthread_rwlock_unlock(&f->lock); return 0; }
   uint64_t pos = off, end = off + len;
   int err = 0;
@@ -443,7 +535,11 @@ static int native_read(server_t *s, int fd, file_t *f, uint64_t unique, uint64_t
     uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
     uint8_t *dst = buf + (pos - off);
     if (e->flags & MAP_F_ZERO) memset(dst, 0, pend - pos);
-    else err = do_pread_full(e->fd, dst, pend - pos, e->host + (pos - e->guest));
+    else {
+      uint64_t h = e->host + (pos - e->guest);
+      err = do_pread_full(e->fd, dst, pend - pos, h);
+      if (!err && (e->flags & MAP_F_CRYPT)) err = crypt_run(s, tl, e->flags, 0, dst, dst, pend - pos, h);
+    }
     pos = pend;
   }
   pthread_rwlock_unlock(&f->lock);
@@ -453,10 +549,10 @@ static int native_read(server_t *s, int fd, file_t *f, uint64_t unique, uint64_t
   return 1;
 }
 
-static int native_write(server_t *s, int fd, file_t *f, uint64_t unique, uint64_t off, uint64_t len,
-                        const uint8_t *data, uint8_t *bounce) {
+static int native_write(server_t *s, crypt_tls_t *tl, int fd, file_t *f, uint64_t unique, uint64_t off,
+                        uint64_t len, const uint8_t *data, uint8_t *bounce) {
   pthread_rwlock_rdlock(&f->lock);
-  ssize_t i = map_cover(&f->map, off, len, 1);
+  ssize_t i = map_cover(s, &f->map, off, len, 1);
   if (i < 0) { pthread_rwlock_unlock(&f->lock); return 0; }
   uint64_t pos = off, end = off + len;
   int err = 0;
@@ -464,11 +560,15 @@ static int native_write(server_t *s, int fd, file_t *f, uint64_t unique, uint64_
     const extent_t *e = &f->map.e[j];
     uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
     const uint8_t *src = data + (pos - off);
-    if (e->flags & MAP_F_DIRECT) {
+    uint64_t h = e->host + (pos - e->guest);
+    if (e->flags & MAP_F_CRYPT) {
+      err = crypt_run(s, tl, e->flags, 1, bounce + (pos - off), src, pend - pos, h);
+      src = bounce + (pos - off);
+    } else if (e->flags & MAP_F_DIRECT) {
       memcpy(bounce + (pos - off), src, pend - pos);
       src = bounce + (pos - off);
     }
-    err = do_pwrite_full(e->fd, src, pend - pos, e->host + (pos - e->guest));
+    if (!err) err = do_pwrite_full(e->fd, src, pend - pos, h);
     pos = pend;
   }
   pthread_rwlock_unlock(&f->lock);
@@ -513,6 +613,7 @@ typedef struct {
   server_t *s;
   int fd;
   uint8_t *data;   /* aligned data/bounce buffer, max_write bytes */
+  crypt_tls_t crypt;
 } tctx_t;
 
 static file_t *file_of(server_t *s, uint64_t nodeid, int *idx, int *err) {
@@ -731,7 +832,7 @@ static void handle(tctx_t *t, uint8_t *buf, size_t n) {
     if (off >= size) { reply_data(fd, h->unique, NULL, 0, NULL, 0); return; }
     if (len > size - off) len = size - off;
     if (len == 0) { reply_data(fd, h->unique, NULL, 0, NULL, 0); return; }
-    if (len <= s->max_write && native_read(s, fd, f, h->unique, off, len, t->data)) return;
+    if (len <= s->max_write && native_read(s, &t->crypt, fd, f, h->unique, off, len, t->data)) return;
     jsreq_t *r = new_req(fd, h->unique, fidx, OP_READ, off, len);
     if (!r) { reply_err(fd, h->unique, ENOMEM); return; }
     enqueue(s, r);
@@ -755,7 +856,7 @@ static void handle(tctx_t *t, uint8_t *buf, size_t n) {
     }
     if (off >= size) { reply_err(fd, h->unique, ENOSPC); return; }
     if (len > size - off) len = size - off;
-    if (len <= s->max_write && native_write(s, fd, f, h->unique, off, len, payload, t->data)) return;
+    if (len <= s->max_write && native_write(s, &t->crypt, fd, f, h->unique, off, len, payload, t->data)) return;
     jsreq_t *r = new_req(fd, h->unique, fidx, OP_WRITE, off, len);
     if (!r || !(r->data = malloc(len ? len : 1))) { free(r); reply_err(fd, h->unique, ENOMEM); return; }
     memcpy(r->data, payload, len);
@@ -823,7 +924,13 @@ static void *worker_main(void *arg) {
   if (posix_memalign(&data, 4096, s->max_write) != 0) data = NULL;
   int err = 0;
   if (!buf || !data) err = ENOMEM;
-  tctx_t t = {.s = s, .fd = w->fd, .data = data};
+  tctx_t *tp = calloc(1, sizeof *tp);
+  if (!tp) err = ENOMEM;
+  tctx_t dummy = {0};
+  tctx_t *t = tp ? tp : &dummy;
+  t->s = s;
+  t->fd = w->fd;
+  t->data = data;
   while (!err && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
     ssize_t r = read(w->fd, buf, bufsz);
     if (r < 0) {
@@ -833,8 +940,9 @@ static void *worker_main(void *arg) {
       err = e;
       break;
     }
-    handle(&t, buf, (size_t)r);
+    handle(t, buf, (size_t)r);
   }
+  if (tp) { crypt_tls_free(&tp->crypt); free(tp); }
   free(buf);
   free(data);
   if (err) {
@@ -1565,6 +1673,58 @@ static napi_value js_set_map(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* setCrypt(srv, id, cipher, key, sectorSize, ivBase, ivBits): registers a sector cipher for
+ * map entries flagged MAP_CRYPT | id << 8. Returns 0, or an errno when the native side cannot
+ * do this cipher (the caller then keeps such ranges out of the map). Each id is set once. */
+static napi_value js_set_crypt(napi_env env, napi_callback_info info) {
+  size_t argc = 7;
+  napi_value argv[7];
+  NAPI_CALL(env, napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  server_t *s = get_srv(env, argc ? argv[0] : NULL);
+  if (!s) return NULL;
+  if (argc < 7) { napi_throw_type_error(env, NULL, "setCrypt(srv, id, cipher, key, sectorSize, ivBase, ivBits)"); return NULL; }
+  int id = -1, sector = 0, ivbits = -1;
+  int64_t ivbase = 0;
+  uint8_t *key = NULL;
+  size_t keylen = 0;
+  if (!get_int(env, argv[1], &id) || !get_bytes(env, argv[3], &key, &keylen) || !get_int(env, argv[4], &sector) ||
+      !get_i64(env, argv[5], &ivbase) || !get_int(env, argv[6], &ivbits)) {
+    napi_throw_type_error(env, NULL, "setCrypt: bad arguments");
+    return NULL;
+  }
+  if (id < 0 || id >= MAX_CRYPT || s->crypts[id] || keylen == 0 || keylen > 64 || sector < 16 ||
+      sector > 65536 || sector % 16 || (ivbits != 0 && ivbits != 32 && ivbits != 64))
+    return make_num(env, EINVAL);
+#ifdef HAVE_CRYPTO
+  char *name = get_string(env, argv[2]);
+  if (!name) return make_num(env, EINVAL);
+  EVP_CIPHER *cipher = EVP_CIPHER_fetch(NULL, name, NULL);
+  free(name);
+  if (!cipher) return make_num(env, ENOTSUP);
+  int ok = EVP_CIPHER_get_key_length(cipher) == (int)keylen && EVP_CIPHER_get_block_size(cipher) <= 16 &&
+           (ivbits == 0 || EVP_CIPHER_get_iv_length(cipher) == 16);
+  /* refuse what OpenSSL would refuse later (e.g. XTS with equal key halves) */
+  for (int enc = 0; ok && enc < 2; enc++) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    uint8_t iv[16] = {0};
+    ok = ctx && EVP_CipherInit_ex(ctx, cipher, NULL, key, ivbits ? iv : NULL, enc) == 1;
+    EVP_CIPHER_CTX_free(ctx);
+  }
+  crypt_t *c = ok ? calloc(1, sizeof *c) : NULL;
+  if (!c) { EVP_CIPHER_free(cipher); return make_num(env, ok ? ENOMEM : ENOTSUP); }
+  c->cipher = cipher;
+  memcpy(c->key, key, keylen);
+  c->keylen = (int)keylen;
+  c->sector = (uint32_t)sector;
+  c->ivbase = ivbase;
+  c->ivbits = ivbits;
+  __atomic_store_n(&s->crypts[id], c, __ATOMIC_RELEASE);
+  return make_num(env, 0);
+#else
+  return make_num(env, ENOTSUP);
+#endif
+}
+
 static napi_value js_invalidate(napi_env env, napi_callback_info info) {
   size_t argc = 4;
   napi_value argv[4];
@@ -1851,6 +2011,7 @@ static napi_value Init(napi_env env, napi_value exports) {
       {"reply", 0, js_reply, 0, 0, 0, napi_enumerable, 0},
       {"setMap", 0, js_set_map, 0, 0, 0, napi_enumerable, 0},
       {"invalidate", 0, js_invalidate, 0, 0, 0, napi_enumerable, 0},
+      {"setCrypt", 0, js_set_crypt, 0, 0, 0, napi_enumerable, 0},
       {"setFileAttr", 0, js_set_file_attr, 0, 0, 0, napi_enumerable, 0},
       {"stop", 0, js_stop, 0, 0, 0, napi_enumerable, 0},
       {"stats", 0, js_stats, 0, 0, 0, napi_enumerable, 0},

@@ -6,6 +6,8 @@ import path from 'node:path';
 export const MAP_WRITABLE = 1; // overwrites in place are allowed (allocated, unshared, untransformed)
 export const MAP_ZERO = 2;     // reads return zeros without touching any fd (fd/hostOffset ignored)
 export const MAP_DIRECT = 4;   // fd is O_DIRECT: native uses aligned bounce buffers; unaligned requests go to JS
+export const MAP_CRYPT = 8;    // host sectors are encrypted with the cipher registered as flags >> 8 (setCrypt)
+export const MAX_CRYPT = 64;
 
 export interface FuseFileSpec {
   /** path inside the mount, e.g. 'disk.raw' or 'snapshots/base.raw'; parent dirs are implied */
@@ -59,6 +61,9 @@ export interface NativeAddon {
   /** entries: flat array [guestOffset, length, fd, hostOffset, flags] * n, sorted, non-overlapping;
    *  replaces whatever the map held in the covered ranges */
   setMap(srv: FuseServer, file: number, entries: Float64Array): void;
+  /** registers sector cipher `id` (0..MAX_CRYPT-1, once each) for MAP_CRYPT entries; returns 0 or
+   *  an errno when the native side cannot run it (such ranges then stay with JavaScript) */
+  setCrypt(srv: FuseServer, id: number, cipher: string, key: Uint8Array, sectorSize: number, ivBase: number, ivBits: number): number;
   /** drops map entries overlapping the range; returns after no native thread still uses them */
   invalidate(srv: FuseServer, file: number, offset: number, length: number): void;
   setFileAttr(srv: FuseServer, file: number, size: number, blocks: number): void;

@@ -14,6 +14,20 @@ export interface HostLocation {
   writable: boolean;
   /** fd was opened with O_DIRECT */
   direct: boolean;
+  /** the host bytes are ciphertext, sector by sector, in a cipher the native path can run */
+  crypt?: HostCrypt;
+}
+
+/** A sector cipher for the native data path (one object per open image: its identity matters). */
+export interface HostCrypt {
+  /** OpenSSL's name, e.g. aes-256-xts */
+  cipher: string;
+  key: Uint8Array;
+  sectorSize: number;
+  /** the IV of the sector holding host byte h is (h - ivBase) / sectorSize */
+  ivBase: number;
+  /** 64 = plain64, 32 = plain, 0 = no IV (ecb) */
+  ivBits: 0 | 32 | 64;
 }
 
 export interface Extent {

@@ -105,6 +105,16 @@ export function xorInto(dst: Uint8Array, src: Uint8Array): void {
   }
 }
 
+/** OpenSSL's name for a spec the native data path can run (AES without ESSIV), else null. */
+export function nativeCipher(spec: SectorCipherSpec, keyLength: number): { cipher: string; ivBits: 0 | 32 | 64 } | null {
+  if (spec.alg !== 'aes' || spec.ivgen === 'essiv') return null;
+  const bits = (spec.mode === 'xts' ? keyLength / 2 : keyLength) * 8;
+  if (bits !== 128 && bits !== 192 && bits !== 256) return null;
+  const ivBits = spec.ivgen === 'plain64' ? 64 : spec.ivgen === 'plain' ? 32 : 0;
+  if (spec.mode !== 'ecb' && ivBits === 0) return null;
+  return { cipher: `aes-${bits}-${spec.mode}`, ivBits };
+}
+
 export class SectorCipher {
   private c1: BlockCipher;
   private c2: BlockCipher | null = null; // xts tweak cipher

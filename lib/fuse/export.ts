@@ -6,8 +6,8 @@ import os from 'node:os';
 import createDebug from 'debug';
 import { ImgError, toErrno } from '../core/errors';
 import { chainStatus, discardAt, flushNode, readAt, writeAt, writeZeroesAt } from '../core/io';
-import type { BlockNode } from '../core/node';
-import { FuseRequest, FuseServer, loadNative, MAP_DIRECT, MAP_WRITABLE, MAP_ZERO, NativeAddon, nativeLoadError } from '../core/native';
+import type { BlockNode, HostCrypt } from '../core/node';
+import { FuseRequest, FuseServer, loadNative, MAP_CRYPT, MAP_DIRECT, MAP_WRITABLE, MAP_ZERO, MAX_CRYPT, NativeAddon, nativeLoadError } from '../core/native';
 
 const debug = createDebug('imgmount:fuse');
 const E = os.constants.errno;
@@ -53,6 +53,8 @@ export class FuseExport {
   private pending = 0;
   private idle: (() => void) | null = null;
   private paused: FuseRequest[] | null = null;
+  /** ciphers registered with the native side (null: it cannot run that one) */
+  private crypts = new Map<HostCrypt, number | null>();
 
   constructor(files: ExportFile[], private o: ExportOptions) {
     const nat = loadNative();
@@ -290,8 +292,9 @@ export class FuseExport {
       let flags = -1;
       let fd = -1;
       let hostOff = 0;
-      if (ext.host) {
-        flags = 0;
+      const cryptId = ext.host?.crypt ? this.cryptId(ext.host.crypt) : undefined;
+      if (ext.host && cryptId !== null) {
+        flags = cryptId === undefined ? 0 : MAP_CRYPT | (cryptId << 8);
         fd = ext.host.fd;
         hostOff = ext.host.offset;
         if (ext.host.writable && ext.depth === 0 && !s.f.readOnly && !node.readOnly) flags |= MAP_WRITABLE;
@@ -315,6 +318,20 @@ export class FuseExport {
     if (s.generation !== gen || !this.srv || entries.length === 0) return o;
     this.nat.setMap(this.srv, file, Float64Array.from(entries));
     return o;
+  }
+
+  /** the native id of a sector cipher, registering it on first use; null: JS must serve it */
+  private cryptId(c: HostCrypt): number | null {
+    let id = this.crypts.get(c);
+    if (id !== undefined) return id;
+    id = null;
+    if (this.srv && this.crypts.size < MAX_CRYPT) {
+      const err = this.nat.setCrypt(this.srv, this.crypts.size, c.cipher, c.key, c.sectorSize, c.ivBase, c.ivBits);
+      if (err === 0) id = this.crypts.size;
+      else debug('cipher %s stays in JavaScript (errno %d)', c.cipher, err);
+    }
+    this.crypts.set(c, id);
+    return id;
   }
 
   private async buildInitialMaps(): Promise<void> {

@@ -9,8 +9,8 @@ const peers = have('qemu-img');
 
 
 for (const fmt of ['luks', 'qcow2'] as const) {
-  // qcow2+LUKS: every data cluster goes through TypeScript; only zero entries reach the native
-  // map, so a stale one (the rest of a newly allocated cluster) would show as zeros here
+  // qcow2+LUKS: allocated clusters are decrypted natively, new ones are allocated by
+  // TypeScript; a stale map entry (the rest of a newly allocated cluster) would show here
   t.test(`${fmt}: mount with a secret, random I/O, unmount, qemu-img compare`, { skip: !fuse ? 'no /dev/fuse' : !peers ? 'qemu-img missing' : false }, async (t) => {
     const d = tmpdir(t);
     const img = path.join(d, `disk.${fmt}`);

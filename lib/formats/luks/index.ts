@@ -1,12 +1,13 @@
 // luks: a LUKS1/LUKS2 volume in a file; the guest sees the decrypted payload (qemu's
-// block/crypto.c). Encrypted data never gets a host mapping: every byte passes through here.
+// block/crypto.c). Payload ranges are offered to the native data path with their cipher
+// (HostCrypt) when it is one OpenSSL runs; otherwise every byte passes through here.
 import { ImgError } from '../../core/errors';
-import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, Preallocation, WriteFlags } from '../../core/node';
+import type { BlockNode, CreateContext, Extent, FormatDriver, HostCrypt, OpenContext, Preallocation, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
 import { createFile, FileNode } from '../../protocols/file';
 import { isLuks, openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions, UnlockedVolume } from '../../crypto/luks1';
-import type { SectorCipher } from '../../crypto/modes';
+import { nativeCipher, SectorCipher } from '../../crypto/modes';
 
 /** requests are cut into chunks of this size so the crypto temporaries stay bounded */
 const CHUNK = 4 << 20;
@@ -17,9 +18,16 @@ class LuksNode implements BlockNode {
   readonly align: number;
   mapInvalidator = null;
   private cipher: SectorCipher;
+  private hostCrypt: HostCrypt | null = null;
   constructor(readonly file: BlockNode, private vol: UnlockedVolume, readonly readOnly: boolean) {
     this.align = Math.max(vol.sectorSize, file.align);
     this.cipher = vol.cipher;
+    const nc = nativeCipher(vol.cipher.spec, vol.masterKey.length);
+    if (nc) {
+      // guest sector s is host sector payloadOffset/ss + s and has IV ivOffset + s
+      const ivBase = vol.payloadOffset - vol.ivOffset * vol.sectorSize;
+      this.hostCrypt = { ...nc, key: vol.masterKey, sectorSize: vol.sectorSize, ivBase };
+    }
   }
   get filename(): string { return this.file.filename; }
   get size(): number {
@@ -49,8 +57,13 @@ class LuksNode implements BlockNode {
   async flush(): Promise<void> { if (this.file.flush) await this.file.flush(); }
 
   async blockStatus(offset: number, length: number): Promise<Extent> {
-    // every sector is ciphertext: data, never a host mapping
-    return { offset, length, state: 'data' };
+    // every sector is ciphertext: data (a hole in the file decrypts to noise, not zeros)
+    if (!this.hostCrypt) return { offset, length, state: 'data' };
+    const fe = await this.file.blockStatus(this.vol.payloadOffset + offset, length);
+    const len = Math.max(1, Math.min(length, fe.length));
+    if (!fe.host || fe.host.crypt) return { offset, length: len, state: 'data' };
+    const host = { ...fe.host, writable: fe.host.writable && !this.readOnly, crypt: this.hostCrypt };
+    return { offset, length: len, state: 'data', host };
   }
 
   async truncate(size: number, prealloc?: Preallocation): Promise<void> {

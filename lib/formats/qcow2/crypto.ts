@@ -6,10 +6,10 @@ import { ImgError } from '../../core/errors';
 import type { OptionTree } from '../../core/options';
 import { OptionReader } from '../../core/options';
 import type { SecretStore } from '../../core/secrets';
-import type { BlockNode } from '../../core/node';
+import type { BlockNode, HostCrypt } from '../../core/node';
 import { openLuks, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions } from '../../crypto/luks1';
-import type { SectorCipher } from '../../crypto/modes';
+import { nativeCipher, SectorCipher } from '../../crypto/modes';
 import { legacyAesCipher } from '../../crypto/legacy';
 import { EXT_CRYPTO, Qcow2Header } from './header';
 
@@ -23,10 +23,17 @@ export interface QcowCrypto {
   encrypt(buf: Uint8Array, host: number, guest: number): void;
   /** qemu-img info's "encrypt" object */
   info: Record<string, unknown>;
+  /** the cipher for the native data path, when it can run it (LUKS: IVs from host offsets) */
+  hostCrypt?: HostCrypt;
 }
 
 class SectorCrypto implements QcowCrypto {
-  constructor(private c: SectorCipher, private physical: boolean, readonly info: Record<string, unknown>) {}
+  hostCrypt?: HostCrypt;
+  constructor(private c: SectorCipher, private physical: boolean, readonly info: Record<string, unknown>, key?: Buffer) {
+    // legacy AES numbers sectors by guest offset, which a host mapping cannot express
+    const nc = physical && key ? nativeCipher(c.spec, key.length) : null;
+    if (nc && key) this.hostCrypt = { ...nc, key: Buffer.from(key), sectorSize: SECTOR, ivBase: 0 };
+  }
   private sector(host: number, guest: number): number {
     const o = this.physical ? host : guest;
     if (o % SECTOR) throw new ImgError('io', 'qcow2: encrypted I/O is not sector aligned');
@@ -91,8 +98,9 @@ export async function openQcow2Crypto(file: BlockNode, h: Qcow2Header, options: 
     const info: Record<string, unknown> = { format: 'luks', ...vol.info };
     delete info['payload-offset'];
     info['payload-offset'] = vol.payloadOffset;
+    const c = new SectorCrypto(vol.cipher, true, info, vol.masterKey);
     vol.masterKey.fill(0);
-    return new SectorCrypto(vol.cipher, true, info);
+    return c;
   } finally {
     pass.fill(0);
   }

@@ -302,10 +302,12 @@ export class Qcow2Node implements BlockNode {
       hostNext = s.host + n;
     }
     const ext: Extent = { offset, length: Math.max(1, pos - offset), state: first.state };
-    if (first.state === 'data' && !first.compressed && !this.crypto) {
+    const hostCrypt = this.crypto?.hostCrypt;
+    if (first.state === 'data' && !first.compressed && (!this.crypto || hostCrypt)) {
       const dn = this.dataNode as unknown as { fd?: unknown; direct?: unknown };
       if (typeof dn.fd === 'number') {
         ext.host = { fd: dn.fd, offset: first.host, writable: first.writable, direct: !!dn.direct };
+        if (hostCrypt) ext.host.crypt = hostCrypt;
       }
     }
     return ext;
