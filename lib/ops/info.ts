@@ -2,6 +2,7 @@
 import { openImage, OpenOptions } from '../core/graph';
 import type { BlockNode, SnapshotInfo } from '../core/node';
 import { humanSize } from '../core/options';
+import { qdictOrder } from '../core/qdict';
 
 export interface ImageInfo { [key: string]: unknown }
 
@@ -41,7 +42,7 @@ export async function nodeInfo(node: BlockNode): Promise<ImageInfo> {
   }
   // qemu prints dirty-flag only for drivers with bdrv_get_info; others return 'dirty-flag': null
   if (extra['dirty-flag'] !== null) info['dirty-flag'] = !!extra['dirty-flag'];
-  return info;
+  return qdictOrder(info);
 }
 
 export async function imageInfo(spec: string, o: OpenOptions, backingChain: boolean): Promise<ImageInfo[]> {
@@ -114,8 +115,8 @@ export function humanInfo(info: ImageInfo): string {
     `virtual size: ${humanSize(info['virtual-size'] as number)} (${String(info['virtual-size'])} bytes)`,
     `disk size: ${info['actual-size'] !== undefined ? humanSize(info['actual-size'] as number) : 'unavailable'}`,
   ];
-  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${String(info['cluster-size'])}`);
   if (info.encrypted) lines.push('encrypted: yes');
+  if (info['cluster-size'] !== undefined) lines.push(`cluster_size: ${String(info['cluster-size'])}`);
   if (info['backing-filename'] !== undefined) {
     const full = info['full-backing-filename'];
     const b = String(info['backing-filename']);

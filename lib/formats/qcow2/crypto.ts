@@ -7,7 +7,7 @@ import type { OptionTree } from '../../core/options';
 import { OptionReader } from '../../core/options';
 import type { SecretStore } from '../../core/secrets';
 import type { BlockNode, HostCrypt } from '../../core/node';
-import { openLuks, secretHint } from '../../crypto/luks';
+import { openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions } from '../../crypto/luks1';
 import { nativeCipher, SectorCipher } from '../../crypto/modes';
 import { legacyAesCipher } from '../../crypto/legacy';
@@ -43,6 +43,13 @@ class SectorCrypto implements QcowCrypto {
   encrypt(buf: Uint8Array, host: number, guest: number): void { this.c.encrypt(buf, this.sector(host, guest)); }
 }
 
+/** An encrypted image opened for its header only (info without a secret): no data is readable. */
+class LockedCrypto implements QcowCrypto {
+  constructor(private hint: string, readonly info: Record<string, unknown>) {}
+  decrypt(): void { throw new ImgError('crypto', this.hint); }
+  encrypt(): void { throw new ImgError('crypto', this.hint); }
+}
+
 /** the full-disk-encryption header extension: offset and length of the LUKS header */
 export function cryptoExtension(h: Qcow2Header): { offset: number; length: number } | null {
   const e = h.otherExtensions.find((x) => x.type === EXT_CRYPTO);
@@ -66,7 +73,7 @@ function readEncryptOptions(options: OptionTree): { format?: string; secret?: st
 }
 
 /** opens the encryption layer of an image (null when it is not encrypted) */
-export async function openQcow2Crypto(file: BlockNode, h: Qcow2Header, options: OptionTree, secrets: SecretStore): Promise<QcowCrypto | null> {
+export async function openQcow2Crypto(file: BlockNode, h: Qcow2Header, options: OptionTree, secrets: SecretStore, headerOnly = false): Promise<QcowCrypto | null> {
   const eo = readEncryptOptions(options);
   if (h.cryptMethod === 0) {
     if (eo.format !== undefined || eo.secret !== undefined) throw new ImgError('usage', 'qcow2: encryption options given for an image that is not encrypted');
@@ -74,7 +81,28 @@ export async function openQcow2Crypto(file: BlockNode, h: Qcow2Header, options: 
   }
   const fmt = h.cryptMethod === CRYPT_AES ? 'aes' : 'luks';
   if (eo.format !== undefined && eo.format !== fmt) throw new ImgError('usage', `qcow2: encrypt.format=${eo.format} does not match the image's ${fmt} encryption`);
-  if (eo.secret === undefined) throw new ImgError('crypto', secretHint(`${file.filename}: encrypted qcow2 image`, 'encrypt.key-secret'));
+  const hint = secretHint(`${file.filename}: encrypted qcow2 image`, 'encrypt.key-secret');
+  if (eo.secret === undefined && headerOnly) {
+    // qemu-img info shows the LUKS header without unlocking it
+    if (h.cryptMethod === CRYPT_AES) return new LockedCrypto(hint, { format: 'aes' });
+    const ext = cryptoExtension(h);
+    if (ext && ext.offset + ext.length <= file.size) {
+      const hdr = await readLuksHeaderInfo({
+        size: ext.length,
+        read: async (b, o) => {
+          if (o + b.length > ext.length) throw new ImgError('image', 'qcow2: LUKS header read beyond the crypto header extension');
+          await file.read(b, ext.offset + o);
+        },
+      });
+      if (hdr) {
+        const info: Record<string, unknown> = { format: 'luks', ...hdr.info };
+        delete info['payload-offset'];
+        info['payload-offset'] = hdr.payloadOffset;
+        return new LockedCrypto(hint, info);
+      }
+    }
+  }
+  if (eo.secret === undefined) throw new ImgError('crypto', hint);
   if (!secrets.has(eo.secret)) throw new ImgError('crypto', `No secret with id '${eo.secret}' (pass it with --object secret,id=${eo.secret},file=PASSFILE)`);
   const pass = secrets.get(eo.secret);
   try {

@@ -39,7 +39,7 @@ export async function openQcow2(file: BlockNode, ctx: OpenContext, forCheck = fa
     'detect-zeroes']) r.markUsed(k);
   r.finish();
   const h = await readHeader(file);
-  const crypto = forCheck ? null : await openQcow2Crypto(file, h, ctx.options, ctx.secrets);
+  const crypto = forCheck ? null : await openQcow2Crypto(file, h, ctx.options, ctx.secrets, ctx.headerOnly);
   let readOnly = ctx.readOnly;
   if ((h.incompatible & INCOMPAT_CORRUPT) && !readOnly && !forCheck) {
     throw new ImgError('image', 'qcow2: Image is corrupt; cannot be opened read/write');
