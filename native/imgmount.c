@@ -237,6 +237,12 @@ typedef struct {
   pthread_t tid;
   int fd;
   int started;
+  /* the guest range of the native I/O this worker runs without the map lock (see map_take);
+   * busy is set under the map's read lock, so an invalidation that took the write lock
+   * afterwards sees it */
+  int busy;
+  int busy_file;
+  uint64_t busy_off, busy_end;
 } worker_t;
 
 typedef struct server {
@@ -523,55 +529,107 @@ static void crypt_tls_free(crypt_tls_t *tl) {
 }
 
 /* Serve natively if covered; returns 1 if handled (reply sent), 0 if JS must do it */
-static int native_read(server_t *s, crypt_tls_t *tl, int fd, file_t *f, uint64_t unique, uint64_t off,
-                       uint64_t len, uint8_t *buf) {
+typedef struct {
+  server_t *s;
+  worker_t *w;
+  int fd;
+  uint8_t *data;   /* aligned data/bounce buffer, max_write bytes */
+  crypt_tls_t crypt;
+  extent_t *pieces; /* the extents of the request being served (map_take) */
+  size_t npieces;
+} tctx_t;
+
+/* Copies the extents covering [off, off+len) out of the map (clipped to the request) and
+ * marks this worker busy on the range, so the I/O runs without holding the map lock (a
+ * 1 MiB pwrite must not stall invalidations and map updates); invalidations wait for busy
+ * workers that overlap them (map_wait_idle). Returns the number of pieces, 0 if the map does
+ * not cover the request. */
+static size_t map_take(server_t *s, worker_t *w, int fidx, file_t *f, uint64_t off, uint64_t len, int for_write,
+                       extent_t *out, size_t cap) {
   pthread_rwlock_rdlock(&f->lock);
-  ssize_t i = map_cover(s, &f->map, off, len, 0);
-  if (i < 0) { pthread_rwlock_unlock(&f->lock); return 0; }
+  ssize_t i = map_cover(s, &f->map, off, len, for_write);
+  size_t n = 0;
   uint64_t pos = off, end = off + len;
-  int err = 0;
-  for (size_t j = (size_t)i; pos < end && !err; j++) {
+  for (size_t j = (size_t)i; i >= 0 && pos < end; j++) {
+    if (n == cap) { n = 0; break; }
     const extent_t *e = &f->map.e[j];
     uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
-    uint8_t *dst = buf + (pos - off);
-    if (e->flags & MAP_F_ZERO) memset(dst, 0, pend - pos);
-    else {
-      uint64_t h = e->host + (pos - e->guest);
-      err = do_pread_full(e->fd, dst, pend - pos, h);
-      if (!err && (e->flags & MAP_F_CRYPT)) err = crypt_run(s, tl, e->flags, 0, dst, dst, pend - pos, h);
-    }
+    out[n] = *e;
+    out[n].host = e->host + (pos - e->guest);
+    out[n].guest = pos;
+    out[n].len = pend - pos;
+    n++;
     pos = pend;
   }
+  if (n) {
+    __atomic_store_n(&w->busy_file, fidx, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->busy_off, off, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->busy_end, end, __ATOMIC_RELAXED);
+    __atomic_store_n(&w->busy, 1, __ATOMIC_SEQ_CST);
+  }
   pthread_rwlock_unlock(&f->lock);
+  return n;
+}
+
+static void map_release(worker_t *w) { __atomic_store_n(&w->busy, 0, __ATOMIC_RELEASE); }
+
+/* after an invalidation: waits until no worker still does I/O on the old extents of the range */
+static void map_wait_idle(server_t *s, int fidx, uint64_t off, uint64_t len) {
+  uint64_t end = off + len < off ? UINT64_MAX : off + len;
+  for (int i = 0; i < s->nthreads; i++) {
+    worker_t *w = &s->workers[i];
+    for (;;) {
+      if (!__atomic_load_n(&w->busy, __ATOMIC_SEQ_CST)) break;
+      if (__atomic_load_n(&w->busy_file, __ATOMIC_RELAXED) != fidx) break;
+      uint64_t bo = __atomic_load_n(&w->busy_off, __ATOMIC_RELAXED), be = __atomic_load_n(&w->busy_end, __ATOMIC_RELAXED);
+      if (bo >= end || be <= off) break;
+      struct timespec ts = {0, 20000};
+      nanosleep(&ts, NULL);
+    }
+  }
+}
+
+/* Serve natively if covered; returns 1 if handled (reply sent), 0 if JS must do it */
+static int native_read(server_t *s, tctx_t *t, int fd, int fidx, file_t *f, uint64_t unique, uint64_t off,
+                       uint64_t len, uint8_t *buf) {
+  size_t n = map_take(s, t->w, fidx, f, off, len, 0, t->pieces, t->npieces);
+  if (!n) return 0;
+  int err = 0;
+  for (size_t j = 0; j < n && !err; j++) {
+    const extent_t *e = &t->pieces[j];
+    uint8_t *dst = buf + (e->guest - off);
+    if (e->flags & MAP_F_ZERO) memset(dst, 0, e->len);
+    else {
+      err = do_pread_full(e->fd, dst, e->len, e->host);
+      if (!err && (e->flags & MAP_F_CRYPT)) err = crypt_run(s, &t->crypt, e->flags, 0, dst, dst, e->len, e->host);
+    }
+  }
+  map_release(t->w);
   if (err) reply_err(fd, unique, err);
   else reply_data(fd, unique, buf, len, NULL, 0);
   __atomic_add_fetch(&s->st_native_reads, 1, __ATOMIC_RELAXED);
   return 1;
 }
 
-static int native_write(server_t *s, crypt_tls_t *tl, int fd, file_t *f, uint64_t unique, uint64_t off,
-                        uint64_t len, const uint8_t *data, uint8_t *bounce) {
-  pthread_rwlock_rdlock(&f->lock);
-  ssize_t i = map_cover(s, &f->map, off, len, 1);
-  if (i < 0) { pthread_rwlock_unlock(&f->lock); return 0; }
-  uint64_t pos = off, end = off + len;
+static int native_write(server_t *s, tctx_t *t, int fd, int fidx, file_t *f, uint64_t unique, uint64_t off,
+                        uint64_t len, const uint8_t *data) {
+  size_t n = map_take(s, t->w, fidx, f, off, len, 1, t->pieces, t->npieces);
+  if (!n) return 0;
+  uint8_t *bounce = t->data;
   int err = 0;
-  for (size_t j = (size_t)i; pos < end && !err; j++) {
-    const extent_t *e = &f->map.e[j];
-    uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
-    const uint8_t *src = data + (pos - off);
-    uint64_t h = e->host + (pos - e->guest);
+  for (size_t j = 0; j < n && !err; j++) {
+    const extent_t *e = &t->pieces[j];
+    const uint8_t *src = data + (e->guest - off);
     if (e->flags & MAP_F_CRYPT) {
-      err = crypt_run(s, tl, e->flags, 1, bounce + (pos - off), src, pend - pos, h);
-      src = bounce + (pos - off);
+      err = crypt_run(s, &t->crypt, e->flags, 1, bounce + (e->guest - off), src, e->len, e->host);
+      src = bounce + (e->guest - off);
     } else if (e->flags & MAP_F_DIRECT) {
-      memcpy(bounce + (pos - off), src, pend - pos);
-      src = bounce + (pos - off);
+      memcpy(bounce + (e->guest - off), src, e->len);
+      src = bounce + (e->guest - off);
     }
-    if (!err) err = do_pwrite_full(e->fd, src, pend - pos, h);
-    pos = pend;
+    if (!err) err = do_pwrite_full(e->fd, src, e->len, e->host);
   }
-  pthread_rwlock_unlock(&f->lock);
+  map_release(t->w);
   if (err) reply_err(fd, unique, err);
   else {
     struct fp_write_out wo = {.size = (uint32_t)len};
@@ -609,12 +667,6 @@ static jsreq_t *new_req(int fd, uint64_t unique, int file, int op, uint64_t off,
 
 /* ------------------------------------------------------------- dispatching -- */
 
-typedef struct {
-  server_t *s;
-  int fd;
-  uint8_t *data;   /* aligned data/bounce buffer, max_write bytes */
-  crypt_tls_t crypt;
-} tctx_t;
 
 static file_t *file_of(server_t *s, uint64_t nodeid, int *idx, int *err) {
   node_t *n = get_node(s, nodeid);
@@ -832,7 +884,7 @@ static void handle(tctx_t *t, uint8_t *buf, size_t n) {
     if (off >= size) { reply_data(fd, h->unique, NULL, 0, NULL, 0); return; }
     if (len > size - off) len = size - off;
     if (len == 0) { reply_data(fd, h->unique, NULL, 0, NULL, 0); return; }
-    if (len <= s->max_write && native_read(s, &t->crypt, fd, f, h->unique, off, len, t->data)) return;
+    if (len <= s->max_write && native_read(s, t, fd, fidx, f, h->unique, off, len, t->data)) return;
     jsreq_t *r = new_req(fd, h->unique, fidx, OP_READ, off, len);
     if (!r) { reply_err(fd, h->unique, ENOMEM); return; }
     enqueue(s, r);
@@ -856,7 +908,7 @@ static void handle(tctx_t *t, uint8_t *buf, size_t n) {
     }
     if (off >= size) { reply_err(fd, h->unique, ENOSPC); return; }
     if (len > size - off) len = size - off;
-    if (len <= s->max_write && native_write(s, &t->crypt, fd, f, h->unique, off, len, payload, t->data)) return;
+    if (len <= s->max_write && native_write(s, t, fd, fidx, f, h->unique, off, len, payload)) return;
     jsreq_t *r = new_req(fd, h->unique, fidx, OP_WRITE, off, len);
     if (!r || !(r->data = malloc(len ? len : 1))) { free(r); reply_err(fd, h->unique, ENOMEM); return; }
     memcpy(r->data, payload, len);
@@ -929,8 +981,12 @@ static void *worker_main(void *arg) {
   tctx_t dummy = {0};
   tctx_t *t = tp ? tp : &dummy;
   t->s = s;
+  t->w = w;
   t->fd = w->fd;
   t->data = data;
+  t->npieces = s->max_write / 512 + 2;
+  t->pieces = tp ? malloc(t->npieces * sizeof(extent_t)) : NULL;
+  if (!t->pieces) { t->npieces = 0; err = ENOMEM; }
   while (!err && !__atomic_load_n(&s->stopping, __ATOMIC_ACQUIRE)) {
     ssize_t r = read(w->fd, buf, bufsz);
     if (r < 0) {
@@ -942,7 +998,7 @@ static void *worker_main(void *arg) {
     }
     handle(t, buf, (size_t)r);
   }
-  if (tp) { crypt_tls_free(&tp->crypt); free(tp); }
+  if (tp) { crypt_tls_free(&tp->crypt); free(tp->pieces); free(tp); }
   free(buf);
   free(data);
   if (err) {
@@ -1559,7 +1615,7 @@ static int map_invalidate_inplace(file_t *f, uint64_t off, uint64_t len) {
   size_t j = lo;
   int any = 0;
   for (size_t x = i; x < j && !any; x++) any = m->e[x].len > 0;
-  if (!any) return 0; /* nothing native overlaps: no I/O to wait for */
+  if (!any) return 0; /* nothing in the map overlaps */
   if (m->dead > 4096 && m->dead > m->n / 4) return -1; /* compact via rebuild */
   extent_t first = m->e[i], last = m->e[j - 1], head = first, tail = last;
   int has_head = first.len > 0 && first.guest < off;
@@ -1732,7 +1788,8 @@ static napi_value js_invalidate(napi_env env, napi_callback_info info) {
   server_t *s = get_srv(env, argc ? argv[0] : NULL);
   if (!s) return NULL;
   if (argc < 4) { napi_throw_type_error(env, NULL, "invalidate(srv, file, offset, length)"); return NULL; }
-  file_t *f = get_file_arg(env, s, argv[1], NULL);
+  int fidx = -1;
+  file_t *f = get_file_arg(env, s, argv[1], &fidx);
   if (!f) return NULL;
   uint64_t off, len;
   if (!get_u64(env, argv[2], &off) || !get_u64(env, argv[3], &len)) {
@@ -1741,15 +1798,18 @@ static napi_value js_invalidate(napi_env env, napi_callback_info info) {
   }
   if (len == 0) return NULL;
   if (off + len < off) len = UINT64_MAX - off;
-  if (map_invalidate_inplace(f, off, len) == 0) return NULL;
-  extent_t cut = {.guest = off, .len = len};
-  extmap_t nm;
-  if (map_rebuild(&f->map, &cut, 1, NULL, 0, 1, &nm) != 0) {
-    /* fall back to dropping everything: always correct */
-    nm.e = NULL;
-    nm.n = 0;
+  if (map_invalidate_inplace(f, off, len) != 0) {
+    extent_t cut = {.guest = off, .len = len};
+    extmap_t nm;
+    if (map_rebuild(&f->map, &cut, 1, NULL, 0, 1, &nm) != 0) {
+      /* fall back to dropping everything: always correct */
+      nm.e = NULL;
+      nm.n = 0;
+    }
+    map_swap(f, &nm);
   }
-  map_swap(f, &nm);
+  /* the entries are gone; I/O that took them before may still run */
+  map_wait_idle(s, fidx, off, len);
   return NULL;
 }
 

@@ -85,6 +85,9 @@ export interface BlockNode {
   allocatedSize?(): Promise<number>;
   /** set by the FUSE export; nodes call it before changing a guest range's host mapping */
   mapInvalidator?: MapInvalidator | null;
+  /** set by the FUSE export; a node calls it when a range just became servable from the host
+   *  (e.g. clusters linked ahead of a sequential write), so the export maps it at once */
+  mapHint?: MapInvalidator | null;
   /** format-specific data for `info` (qemu-img's "format-specific" object) */
   formatSpecific?(): Promise<{ type: string; data: Record<string, unknown> } | null>;
   /** qemu-img info's extra top-level keys (cluster-size, backing-filename, dirty-flag...) */

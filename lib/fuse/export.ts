@@ -41,7 +41,12 @@ interface FileState {
   dirtyBlocks: boolean;
   /** LEARN_SPAN-sized spans already mapped since the last invalidation */
   learnt: Set<number>;
+  /** the last invalidations (generation, offset, end), so a map computed meanwhile for another
+   *  range can still be installed */
+  recent: { gen: number; off: number; end: number }[];
 }
+
+const RECENT_INVALIDATIONS = 64;
 
 export class FuseExport {
   private nat: NativeAddon;
@@ -60,7 +65,7 @@ export class FuseExport {
     const nat = loadNative();
     if (!nat) throw new ImgError('io', `mount needs the native addon, which did not load (${nativeLoadError()}); run npm install`);
     this.nat = nat;
-    this.files = files.map((f) => ({ f, generation: 0, dirtyBlocks: false, learnt: new Set<number>() }));
+    this.files = files.map((f) => ({ f, generation: 0, dirtyBlocks: false, learnt: new Set<number>(), recent: [] }));
     this.exited = new Promise((r) => { this.resolveExit = r; });
   }
 
@@ -95,6 +100,9 @@ export class FuseExport {
     }
     this.files.forEach((s, i) => {
       s.f.node.mapInvalidator = (off, len) => this.invalidate(i, off, len);
+      s.f.node.mapHint = (off, len) => {
+        this.mapHinted(i, off, Math.min(s.f.node.size, off + len)).catch((e) => debug('map hint: %s', (e as Error).message));
+      };
     });
     await init;
     let lastNativeWrites = 0;
@@ -123,7 +131,7 @@ export class FuseExport {
   async stop(): Promise<void> {
     if (this.blocksTimer) clearInterval(this.blocksTimer);
     if (this.srv) this.nat.stop(this.srv);
-    for (const s of this.files) s.f.node.mapInvalidator = null;
+    for (const s of this.files) { s.f.node.mapInvalidator = null; s.f.node.mapHint = null; }
     await this.quiesce();
   }
 
@@ -154,6 +162,8 @@ export class FuseExport {
   private invalidate(file: number, offset: number, length: number): void {
     const s = this.files[file];
     s.generation++;
+    s.recent.push({ gen: s.generation, off: offset, end: offset + Math.max(1, length) });
+    if (s.recent.length > RECENT_INVALIDATIONS) s.recent.shift();
     // only the spans the change touches need learning again
     for (let sp = Math.floor(offset / LEARN_SPAN); sp * LEARN_SPAN < offset + Math.max(1, length); sp++) s.learnt.delete(sp);
     if (this.srv) this.nat.invalidate(this.srv, file, offset, length);
@@ -279,7 +289,16 @@ export class FuseExport {
     await this.mapRange(file, start, end, 16384);
   }
 
-  private async mapRange(file: number, start: number, end: number, maxExtents: number): Promise<number> {
+  /** maps a range a node announced, again if a change elsewhere raced with the first try */
+  private async mapHinted(file: number, start: number, end: number): Promise<void> {
+    for (let attempt = 0; attempt < 4; attempt++) {
+      const r = { raced: false };
+      await this.mapRange(file, start, end, 64, r);
+      if (!r.raced) return;
+    }
+  }
+
+  private async mapRange(file: number, start: number, end: number, maxExtents: number, out?: { raced: boolean }): Promise<number> {
     const s = this.files[file];
     const node = s.f.node;
     const gen = s.generation;
@@ -315,9 +334,20 @@ export class FuseExport {
       }
       o += ext.length;
     }
-    if (s.generation !== gen || !this.srv || entries.length === 0) return o;
+    if (!this.srv || entries.length === 0) return o;
+    if (this.changedSince(s, gen, start, o)) {
+      if (out) out.raced = true;
+      return o;
+    }
     this.nat.setMap(this.srv, file, Float64Array.from(entries));
     return o;
+  }
+
+  /** whether [start, end) may have been invalidated after generation gen */
+  private changedSince(s: FileState, gen: number, start: number, end: number): boolean {
+    if (s.generation === gen) return false;
+    if (!s.recent.length || s.recent[0].gen > gen + 1) return true; // the log does not reach back
+    return s.recent.some((r) => r.gen > gen && r.off < end && r.end > start);
   }
 
   /** the native id of a sector cipher, registering it on first use; null: JS must serve it */

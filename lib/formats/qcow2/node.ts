@@ -2,6 +2,7 @@
 import zlib from 'node:zlib';
 import { promisify } from 'node:util';
 import { ImgError } from '../../core/errors';
+import { loadNative } from '../../core/native';
 import { readBacking, readChain } from '../../core/io';
 import type { BlockNode, Extent, MapInvalidator, SnapshotInfo, WriteFlags, ZeroFlags } from '../../core/node';
 import {
@@ -15,6 +16,19 @@ import { readSnapshotTable, Snapshot, writeSnapshotTableBuf } from './snapshot';
 import type { QcowCrypto } from './crypto';
 
 const inflateRaw = promisify(zlib.inflateRaw);
+/** the most clusters reserved ahead for allocating writes (see allocDataClusters) */
+const POOL_MAX_BYTES = 128 << 20;
+/** the first window linked ahead of a sequential write (see prelink); it doubles up to the pool */
+const PRELINK_FIRST_BYTES = 4 << 20;
+/** how far from the end of the last allocating write a write still counts as sequential */
+const STREAM_SLACK = 16 << 20;
+
+/** clusters of one L2 table linked ahead of a sequential write (see prelink) */
+interface Prelinked {
+  l2off: number;
+  /** idx: L2 index; hi/lo: the entry before linking */
+  entries: { gc: number; idx: number; host: number; hi: number; lo: number }[];
+}
 
 interface PendingAlloc {
   items: { gc: number; idx: number }[];
@@ -66,6 +80,7 @@ export class Qcow2Node implements BlockNode {
   backing: BlockNode | null;
   readonly dataFile: BlockNode | null;
   mapInvalidator: MapInvalidator | null = null;
+  mapHint: MapInvalidator | null = null;
   hdr: Qcow2Header;
   readonly cs: number;
   readonly cb: number;
@@ -82,7 +97,9 @@ export class Qcow2Node implements BlockNode {
   private refCache: TableCache;
   readonly lock = new Mutex();
   private freeHint = 0;
-  private fastWrites = new Set<Promise<void>>();
+  private fastWrites = new Set<Promise<unknown>>();
+  /** while set, in-place writes wait before they look at the L2 tables (settlePrelinked) */
+  private gate: Promise<void> | null = null;
   private dirtySet = false;
   private closed = false;
   private lastCompressed: { key: string; data: Buffer } | null = null;
@@ -378,7 +395,11 @@ export class Qcow2Node implements BlockNode {
   }
 
   async loadRefBlock(off: number): Promise<Buffer> {
-    return this.refCache.load(off, this.cs, (b, o) => this.file.read(b, o));
+    // a block evicted while its write-behind is in flight must not be read back stale
+    return this.refCache.load(off, this.cs, async (b, o) => {
+      await this.refWritesDone();
+      await this.file.read(b, o);
+    });
   }
 
   async refcount(cluster: number): Promise<number> {
@@ -415,6 +436,142 @@ export class Qcow2Node implements BlockNode {
     return start;
   }
 
+  // Clusters reserved for allocating data writes: counted (refcount 1) on disk ahead of use, so
+  // a stream of allocations costs one refcount write per reservation, not one per request
+  // (qemu gets the same from its writeback refcount cache). A crash leaks at most the unused
+  // reservation; flush and every metadata operation (drainFastWrites) give it back.
+  private pool = { next: 0, end: 0, grow: 0, fresh: false };
+
+  /** n contiguous clusters for data, from the reservation; returns the byte offset */
+  private async allocDataClusters(n: number): Promise<number> {
+    if (this.pool.end - this.pool.next < n) await this.refillPool(n);
+    const c = this.pool.next;
+    this.pool.next += n;
+    return c * this.cs;
+  }
+
+  /** a new reservation of at least n clusters (the rest of the old one is given back) */
+  private async refillPool(n: number): Promise<void> {
+    const grow = this.pool.grow;
+    await this.releasePool();
+    const max = Math.max(1, Math.floor(POOL_MAX_BYTES / this.cs));
+    const want = Math.max(n, 1, Math.min(max, grow));
+    const c = await this.allocNoRef(want);
+    // not waited for here: nothing on disk points at these clusters before the L2 tables are
+    // written, and writeDirtyL2 waits for this write first (qemu's refcount-before-L2 order)
+    await this.updateRefcount(c * this.cs, want * this.cs, 1, true);
+    // clusters in a hole of the file (or past its end) read as zeros until written (see prelink)
+    const fresh = this.isHole(c * this.cs, want * this.cs);
+    this.pool = { next: c, end: c + want, grow: Math.min(max, Math.max(2 * want, 2 * n)), fresh };
+  }
+
+  /** gives the unused reserved clusters back (their refcounts drop to 0) */
+  private async releasePool(): Promise<void> {
+    const { next, end } = this.pool;
+    this.pool = { next: 0, end: 0, grow: 0, fresh: false };
+    if (end > next) await this.updateRefcount(next * this.cs, (end - next) * this.cs, -1);
+  }
+
+  /** no byte of [off, off+len) of the host file holds data (false when that is unknown) */
+  private isHole(off: number, len: number): boolean {
+    const fd = (this.dataNode as unknown as { fd?: unknown }).fd;
+    const nat = loadNative();
+    if (typeof fd !== 'number' || !nat) return false;
+    const d = nat.lseek(fd, off, 3 /* SEEK_DATA */);
+    return d === -6 /* ENXIO: nothing but holes up to the end */ || d >= off + len;
+  }
+
+  // Sequential allocating writes (a guest filling an empty disk) would each pass through
+  // here. Instead, a write that continues allocated data links a window of the following
+  // clusters at once, to fresh clusters past the end of the file that read as zeros, and
+  // the export maps them, so the next writes go straight to the host file natively. Only
+  // in memory: the L2 tables reach the disk at flush, after settlePrelinked() has put back
+  // every linked cluster that was not written (a hole in the host file), so on disk an L2
+  // entry never points at unwritten data, and the image still grows only as written.
+  // Unallocated clusters read as zeros only without a backing file and without encryption.
+  private prelinked: Prelinked[] = [];
+  private prelinkGrow = 0;
+  /** where the last allocating write or linked-ahead window ended */
+  private streamEnd = -Infinity;
+
+  private async prelink(t: { buf: Buffer; off: number }, l1i: number, gcStart: number): Promise<{ offset: number; length: number } | null> {
+    if (this.backing || this.crypto || this.dataFile || this.extL2 || !this.mapHint) return null;
+    const cs = this.cs;
+    const max = Math.max(1, Math.floor(POOL_MAX_BYTES / cs));
+    const nClusters = Math.ceil(this._size / cs);
+    const want = Math.min(max, this.prelinkGrow);
+    const entries: Prelinked['entries'] = [];
+    // the window starts after the requests already in flight just ahead of this one
+    let gc = gcStart;
+    for (let skip = 0; skip < 256 && gc < nClusters && Math.floor(gc / this.l2Entries) === l1i; skip++, gc++) {
+      if (!this.allocInflight.has(gc) && this.decode(t.buf, gc % this.l2Entries).kind !== 'normal') break;
+    }
+    for (; entries.length < want && gc < nClusters && Math.floor(gc / this.l2Entries) === l1i; gc++) {
+      if (this.allocInflight.has(gc)) break;
+      const idx = gc % this.l2Entries;
+      const inf = this.decode(t.buf, idx);
+      if (!(inf.kind === 'unalloc' || (inf.kind === 'zero' && !inf.has))) break;
+      entries.push({ gc, idx, host: 0, hi: inf.hi, lo: inf.lo });
+    }
+    if (!entries.length) return null;
+    if (this.pool.end > this.pool.next && !this.pool.fresh) return null;
+    if (this.pool.end - this.pool.next < entries.length) {
+      if (this.pool.end === this.pool.next) await this.refillPool(entries.length);
+      entries.length = Math.min(entries.length, this.pool.end - this.pool.next);
+    }
+    if (!this.pool.fresh || !entries.length) return null;
+    this.mapInvalidator?.(entries[0].gc * cs, Math.min(entries.length * cs, this._size - entries[0].gc * cs));
+    const host0 = await this.allocDataClusters(entries.length);
+    entries.forEach((e, i) => {
+      e.host = host0 + i * cs;
+      this.setL2(t.buf, e.idx, e.host, true, false);
+    });
+    this.dirtyL2.set(t.off, t.buf);
+    this.prelinked.push({ l2off: t.off, entries });
+    this.prelinkGrow = Math.min(max, this.prelinkGrow * 2);
+    return { offset: entries[0].gc * cs, length: Math.min(entries.length * cs, this._size - entries[0].gc * cs) };
+  }
+
+  /** under the metadata lock: unlinks the linked-ahead clusters that were never written */
+  private async settlePrelinked(): Promise<void> {
+    if (!this.prelinked.length) return;
+    let open!: () => void;
+    this.gate = new Promise<void>((r) => { open = r; });
+    try {
+      // in-place writes that already saw a linked cluster must land before it is judged
+      while (this.fastWrites.size) await Promise.allSettled([...this.fastWrites]);
+      await this.unlinkUnwritten();
+    } finally {
+      this.gate = null;
+      open();
+    }
+  }
+
+  private async unlinkUnwritten(): Promise<void> {
+    const chunks = this.prelinked;
+    this.prelinked = [];
+    const cs = this.cs;
+    for (const ch of chunks) {
+      const first = ch.entries[0].gc * cs;
+      // no native write may be in flight while we look at what reached the file
+      this.mapInvalidator?.(first, Math.min(ch.entries.length * cs, this._size - first));
+      const l2 = await this.loadL2(ch.l2off);
+      let freed = false;
+      let run = { host: 0, len: 0 };
+      for (const e of ch.entries) {
+        if (!this.isHole(e.host, cs)) continue; // written (or unknown: keeping it is safe)
+        l2.writeUInt32BE(e.hi >>> 0, e.idx * this.es);
+        l2.writeUInt32BE(e.lo >>> 0, e.idx * this.es + 4);
+        freed = true;
+        if (run.host + run.len === e.host) { run.len += cs; continue; }
+        if (run.len) await this.updateRefcount(run.host, run.len, -1);
+        run = { host: e.host, len: cs };
+      }
+      if (run.len) await this.updateRefcount(run.host, run.len, -1);
+      if (freed) this.dirtyL2.set(ch.l2off, l2);
+    }
+  }
+
   /** allocates n contiguous clusters with refcount 1; returns the byte offset */
   async allocClusters(n: number): Promise<number> {
     const c = await this.allocNoRef(n);
@@ -446,8 +603,16 @@ export class Qcow2Node implements BlockNode {
     return this.loadRefBlock(off);
   }
 
-  /** adds `addend` to the refcount of every cluster in [offset, offset+length) */
-  async updateRefcount(offset: number, length: number, addend: number): Promise<void> {
+  /** refcount writes still in flight (see refillPool); L2 tables are written only after them */
+  private refWrites = new Set<Promise<void>>();
+
+  private async refWritesDone(): Promise<void> {
+    while (this.refWrites.size) await Promise.all([...this.refWrites]);
+  }
+
+  /** adds `addend` to the refcount of every cluster in [offset, offset+length); with
+   *  `behind`, the changed bytes are written without waiting (refWritesDone waits) */
+  async updateRefcount(offset: number, length: number, addend: number, behind = false): Promise<void> {
     if (length <= 0) return;
     const per = 2 ** this.rbShift;
     const first = Math.floor(offset / this.cs);
@@ -470,7 +635,17 @@ export class Qcow2Node implements BlockNode {
         const [a, b] = refByteRange(i, this.refOrder);
         lo = Math.min(lo, a); hi = Math.max(hi, b);
       }
-      if (hi > lo) await this.file.write!(blk.subarray(lo, hi), off + lo);
+      if (hi > lo) {
+        // a view of the live block: whichever write runs last stores the newest bytes
+        const w = this.file.write!(blk.subarray(lo, hi), off + lo);
+        if (behind) {
+          const p: Promise<void> = w.finally(() => { this.refWrites.delete(p); });
+          p.catch(() => undefined);
+          this.refWrites.add(p);
+        } else {
+          await w;
+        }
+      }
     }
   }
 
@@ -601,28 +776,14 @@ export class Qcow2Node implements BlockNode {
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
-      // fast path: a run of in-place writable clusters
-      let run = 0;
-      let host = -1;
-      for (;;) {
-        const p = pos + run;
-        if (run >= buf.length - done) break;
-        const gc = Math.floor(p / this.cs);
-        const n = Math.min(this.cs - (p % this.cs), buf.length - done - run);
-        const inf = await this.info(gc);
-        if (!this.inPlace(inf, p, n)) break;
-        const h = inf.host + (p % this.cs);
-        if (host >= 0 && h !== host + run) break;
-        if (host < 0) host = h;
-        run += n;
-      }
+      // fast path: a run of in-place writable clusters; tracked from the lookup on, so
+      // settlePrelinked (behind the gate) sees every write that may still land
+      while (this.gate) await this.gate;
+      const fast = this.writeInPlace(buf.subarray(done), pos);
+      this.fastWrites.add(fast);
+      let run: number;
+      try { run = await fast; } finally { this.fastWrites.delete(fast); }
       if (run > 0) {
-        await this.checkOverlap(host, run, pos);
-        let data = buf.subarray(done, done + run);
-        if (this.crypto) { data = Buffer.from(data); this.crypto.encrypt(data, host, pos); }
-        const pr = this.dataNode.write!(data, host);
-        this.fastWrites.add(pr);
-        try { await pr; } finally { this.fastWrites.delete(pr); }
         done += run;
         continue;
       }
@@ -631,6 +792,30 @@ export class Qcow2Node implements BlockNode {
       if (quick > 0) { done += quick; continue; }
       done += await this.lock.run(() => this.writeAlloc(buf.subarray(done), pos));
     }
+  }
+
+  /** writes the leading run of clusters that can be overwritten in place; returns its length */
+  private async writeInPlace(buf: Uint8Array, pos: number): Promise<number> {
+    let run = 0;
+    let host = -1;
+    for (;;) {
+      const p = pos + run;
+      if (run >= buf.length) break;
+      const gc = Math.floor(p / this.cs);
+      const n = Math.min(this.cs - (p % this.cs), buf.length - run);
+      const inf = await this.info(gc);
+      if (!this.inPlace(inf, p, n)) break;
+      const h = inf.host + (p % this.cs);
+      if (host >= 0 && h !== host + run) break;
+      if (host < 0) host = h;
+      run += n;
+    }
+    if (run === 0) return 0;
+    await this.checkOverlap(host, run, pos);
+    let data = buf.subarray(0, run);
+    if (this.crypto) { data = Buffer.from(data); this.crypto.encrypt(data, host, pos); }
+    await this.dataNode.write!(data, host);
+    return run;
   }
 
   // Allocating writes into unallocated (or zero) clusters, pipelined as qemu does: clusters
@@ -644,6 +829,9 @@ export class Qcow2Node implements BlockNode {
   private dirtyL2 = new Map<number, Buffer>();
 
   private async writeDirtyL2(): Promise<void> {
+    // never an entry pointing at a cluster that was linked ahead and not written
+    await this.settlePrelinked();
+    await this.refWritesDone();
     for (const [off, buf] of [...this.dirtyL2]) {
       await this.file.write!(buf, off);
       // unpin only after the table is on disk, so a reload can never see the old entries
@@ -661,6 +849,7 @@ export class Qcow2Node implements BlockNode {
     const gcFirst = Math.floor(pos / cs);
     const busy = this.allocInflight.get(gcFirst);
     if (busy) { await busy; return -1; }
+    let ahead: { offset: number; length: number } | null = null;
     const plan = await this.lock.run(async (): Promise<PendingAlloc | null | 'busy'> => {
       if (this.allocInflight.has(gcFirst)) return 'busy';
       const l1i = Math.floor(gcFirst / this.l2Entries);
@@ -680,7 +869,24 @@ export class Qcow2Node implements BlockNode {
       await this.markDirty();
       // whole clusters: the rest of a new cluster changes its mapping too (see linkAlloc)
       this.mapInvalidator?.(items[0].gc * cs, Math.min(items.length * cs, this._size - items[0].gc * cs));
-      const host0 = await this.allocClusters(items.length);
+      // a write that continues allocated data, or lands near the last one, is taken as part
+      // of a sequential stream (requests of a queue arrive slightly out of order)
+      const prev = gcFirst - 1;
+      const near = Math.abs(pos - this.streamEnd) <= STREAM_SLACK;
+      const continues = near || (prev >= 0 && (this.allocInflight.has(prev) ||
+        (Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal')));
+      if (!continues && this.prelinked.length) {
+        // the stream ended: give its unwritten window back, so new data fills the gap
+        // instead of leaving a hole in the middle of the file
+        await this.settlePrelinked();
+        await this.releasePool();
+      }
+      const host0 = await this.allocDataClusters(items.length);
+      if (!continues) this.prelinkGrow = 0;
+      else if (!this.prelinkGrow) this.prelinkGrow = Math.max(2, Math.ceil(PRELINK_FIRST_BYTES / cs));
+      this.streamEnd = Math.max(near ? this.streamEnd : 0, pos + done);
+      ahead = continues ? await this.prelink(t, l1i, items[items.length - 1].gc + 1) : null;
+      if (ahead) this.streamEnd = Math.max(this.streamEnd, ahead.offset + ahead.length);
       let release!: () => void;
       const settled = new Promise<void>((r) => { release = r; });
       for (const it of items) this.allocInflight.set(it.gc, settled);
@@ -694,6 +900,8 @@ export class Qcow2Node implements BlockNode {
     });
     if (plan === 'busy') return -1;
     if (!plan) return 0;
+    const hint = ahead as { offset: number; length: number } | null;
+    if (hint) this.mapHint?.(hint.offset, hint.length);
     try {
       await plan.dataWritten;
       await this.lock.run(() => this.linkAlloc(plan));
@@ -814,6 +1022,8 @@ export class Qcow2Node implements BlockNode {
   /** waits for in-place data writes that may target clusters about to be freed or shared */
   async drainFastWrites(): Promise<void> {
     await this.settlePendingAllocs();
+    await this.settlePrelinked();
+    await this.releasePool();
     await this.writeDirtyL2();
     while (this.fastWrites.size) await Promise.allSettled([...this.fastWrites]);
   }
@@ -1043,6 +1253,8 @@ export class Qcow2Node implements BlockNode {
   async flush(): Promise<void> {
     await this.lock.run(async () => {
       await this.settlePendingAllocs();
+      await this.settlePrelinked();
+      if (!this.readOnly) await this.releasePool();
       await this.writeDirtyL2();
       if (this.dataFile?.flush && !this.dataFile.readOnly) await this.dataFile.flush();
       if (!this.readOnly && this.file.flush) await this.file.flush();
