@@ -100,8 +100,15 @@ export class FuseExport {
     }
     this.files.forEach((s, i) => {
       s.f.node.mapInvalidator = (off, len) => this.invalidate(i, off, len);
-      s.f.node.mapHint = (off, len) => {
-        this.mapHinted(i, off, Math.min(s.f.node.size, off + len)).catch((e) => debug('map hint: %s', (e as Error).message));
+      s.f.node.mapHint = (off, len, host) => {
+        const end = Math.min(s.f.node.size, off + len);
+        if (host && !host.crypt && this.srv && end > off) {
+          let flags = host.direct ? MAP_DIRECT : 0;
+          if (host.writable && !s.f.readOnly && !s.f.node.readOnly) flags |= MAP_WRITABLE;
+          this.nat.setMap(this.srv, i, Float64Array.from([off, end - off, host.fd, host.offset, flags]));
+          return;
+        }
+        this.mapHinted(i, off, end).catch((e) => debug('map hint: %s', (e as Error).message));
       };
     });
     await init;

@@ -4,7 +4,7 @@ import { promisify } from 'node:util';
 import { ImgError } from '../../core/errors';
 import { loadNative } from '../../core/native';
 import { readBacking, readChain } from '../../core/io';
-import type { BlockNode, Extent, MapInvalidator, SnapshotInfo, WriteFlags, ZeroFlags } from '../../core/node';
+import type { BlockNode, Extent, MapHint, MapInvalidator, SnapshotInfo, WriteFlags, ZeroFlags } from '../../core/node';
 import {
   AUTOCLEAR_DATA_FILE_RAW, COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2,
   MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2Header, serializeHeader,
@@ -17,9 +17,9 @@ import type { QcowCrypto } from './crypto';
 
 const inflateRaw = promisify(zlib.inflateRaw);
 /** the most clusters reserved ahead for allocating writes (see allocDataClusters) */
-const POOL_MAX_BYTES = 128 << 20;
+const POOL_MAX_BYTES = 256 << 20;
 /** the first window linked ahead of a sequential write (see prelink); it doubles up to the pool */
-const PRELINK_FIRST_BYTES = 4 << 20;
+const PRELINK_FIRST_BYTES = 16 << 20;
 /** how far from the end of the last allocating write a write still counts as sequential */
 const STREAM_SLACK = 16 << 20;
 
@@ -80,7 +80,7 @@ export class Qcow2Node implements BlockNode {
   backing: BlockNode | null;
   readonly dataFile: BlockNode | null;
   mapInvalidator: MapInvalidator | null = null;
-  mapHint: MapInvalidator | null = null;
+  mapHint: MapHint | null = null;
   hdr: Qcow2Header;
   readonly cs: number;
   readonly cb: number;
@@ -529,7 +529,12 @@ export class Qcow2Node implements BlockNode {
     this.dirtyL2.set(t.off, t.buf);
     this.prelinked.push({ l2off: t.off, entries });
     this.prelinkGrow = Math.min(max, this.prelinkGrow * 2);
-    return { offset: entries[0].gc * cs, length: Math.min(entries.length * cs, this._size - entries[0].gc * cs) };
+    const offset = entries[0].gc * cs;
+    const length = Math.min(entries.length * cs, this._size - offset);
+    // mapped right here, under the metadata lock, so no later unlink can overtake it
+    const dn = this.dataNode as unknown as { fd?: unknown; direct?: unknown };
+    if (typeof dn.fd === 'number') this.mapHint?.(offset, length, { fd: dn.fd, offset: host0, writable: true, direct: !!dn.direct });
+    return { offset, length };
   }
 
   /** under the metadata lock: unlinks the linked-ahead clusters that were never written */
@@ -875,7 +880,10 @@ export class Qcow2Node implements BlockNode {
       const near = Math.abs(pos - this.streamEnd) <= STREAM_SLACK;
       const continues = near || (prev >= 0 && (this.allocInflight.has(prev) ||
         (Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal')));
-      if (!continues && this.prelinked.length) {
+      // (requests of the same stream that arrive late land near a window: not a break)
+      const nearWindow = this.prelinked.some((ch) => pos >= ch.entries[0].gc * cs - STREAM_SLACK &&
+        pos <= (ch.entries[ch.entries.length - 1].gc + 1) * cs + STREAM_SLACK);
+      if (!continues && !nearWindow && this.prelinked.length) {
         // the stream ended: give its unwritten window back, so new data fills the gap
         // instead of leaving a hole in the middle of the file
         await this.settlePrelinked();
@@ -900,8 +908,6 @@ export class Qcow2Node implements BlockNode {
     });
     if (plan === 'busy') return -1;
     if (!plan) return 0;
-    const hint = ahead as { offset: number; length: number } | null;
-    if (hint) this.mapHint?.(hint.offset, hint.length);
     try {
       await plan.dataWritten;
       await this.lock.run(() => this.linkAlloc(plan));
