@@ -8,7 +8,7 @@ import { mergeTrees, OptionTree, parseOptionString } from '../core/options';
 import { SecretStore } from '../core/secrets';
 import { FORMAT_NAMES } from '../formats';
 import { unmount } from '../fuse/unmount';
-import { checkExitCode, checkHuman, checkImage, checkJson } from '../ops/check';
+import { checkExitCode, checkHuman, checkImage, checkJson, checkMessages } from '../ops/check';
 import { commitImage } from '../ops/commit';
 import { compareImages } from '../ops/compare';
 import { convertImage } from '../ops/convert';
@@ -142,6 +142,7 @@ export function buildParser(argv: string[]): Argv {
         exitCode = 63;
         return;
       }
+      for (const m of checkMessages(rep)) process.stderr.write(`${m}\n`);
       if (a.output === 'json') out(JSON.stringify(checkJson(rep), null, 4));
       else if (!a.quiet) out(checkHuman(rep));
       exitCode = checkExitCode(rep.result);

@@ -147,6 +147,8 @@ export interface CheckResult {
   fragmentedClusters?: number;
   compressedClusters?: number;
   messages: string[];
+  /** the counts come from a second check after the repair (remaining problems only) */
+  doubleChecked?: boolean;
 }
 
 export interface FormatDriver {

@@ -22,14 +22,8 @@ interface Walk {
 }
 
 export async function checkQcow2(node: Qcow2Node, repair: 'none' | 'leaks' | 'all'): Promise<CheckResult> {
-  const first = await checkOnce(node, repair);
-  if (repair === 'none' || (first.leaksFixed === 0 && first.corruptionsFixed === 0)) return first;
-  // double check the fixed image, as qemu-img does
-  const again = await checkOnce(node, 'none');
-  again.leaksFixed = first.leaksFixed;
-  again.corruptionsFixed = first.corruptionsFixed;
-  again.messages = [...first.messages, ...again.messages];
-  return again;
+  // (after a repair, lib/ops/check.ts checks the image again, as qemu-img does)
+  return checkOnce(node, repair);
 }
 
 async function checkOnce(node: Qcow2Node, repair: 'none' | 'leaks' | 'all'): Promise<CheckResult> {
