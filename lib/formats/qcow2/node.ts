@@ -610,9 +610,13 @@ export class Qcow2Node implements BlockNode {
 
   /** refcount writes still in flight (see refillPool); L2 tables are written only after them */
   private refWrites = new Set<Promise<void>>();
+  /** a write-behind that failed: from then on no L2 table is written (the refcounts on disk
+   *  may lack clusters that the tables would point at), so the image stays consistent */
+  private refWriteError: Error | null = null;
 
   private async refWritesDone(): Promise<void> {
-    while (this.refWrites.size) await Promise.all([...this.refWrites]);
+    while (this.refWrites.size) await Promise.allSettled([...this.refWrites]);
+    if (this.refWriteError) throw this.refWriteError;
   }
 
   /** adds `addend` to the refcount of every cluster in [offset, offset+length); with
@@ -644,8 +648,7 @@ export class Qcow2Node implements BlockNode {
         // a view of the live block: whichever write runs last stores the newest bytes
         const w = this.file.write!(blk.subarray(lo, hi), off + lo);
         if (behind) {
-          const p: Promise<void> = w.finally(() => { this.refWrites.delete(p); });
-          p.catch(() => undefined);
+          const p: Promise<void> = w.catch((e: Error) => { this.refWriteError ??= e; }).finally(() => { this.refWrites.delete(p); });
           this.refWrites.add(p);
         } else {
           await w;
