@@ -4,7 +4,7 @@
 import { ImgError } from '../../core/errors';
 import type { BlockNode, CreateContext, Extent, FormatDriver, HostCrypt, OpenContext, Preallocation, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { isLuks, openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions, UnlockedVolume } from '../../crypto/luks1';
 import { nativeCipher, SectorCipher } from '../../crypto/modes';
@@ -144,14 +144,11 @@ export const luksDriver: FormatDriver = {
     const pass = passphrase(ctx, id, 'luks: creating an image', 'key-secret');
     const { area, payloadOffset } = await createLuks1(o, pass);
     pass.fill(0);
+    const size = ctx.size;
     await createFile(ctx.filename, 0, 'off');
-    const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-    try {
+    await withFileRw(ctx.filename, async (f) => {
       await f.write(area, 0);
-      await f.truncate(payloadOffset + ctx.size, prealloc === 'metadata' ? 'off' : prealloc);
-      await f.flush();
-    } finally {
-      await f.close();
-    }
+      await f.truncate(payloadOffset + size, prealloc === 'metadata' ? 'off' : prealloc);
+    });
   },
 };

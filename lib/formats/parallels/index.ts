@@ -7,7 +7,7 @@ import type {
   BlockNode, CheckResult, CreateContext, Extent, FormatDriver, MapInvalidator, OpenContext, Preallocation, WriteFlags,
 } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { Mutex } from '../qcow2/util';
 
 const MAGIC_OLD = 'WithoutFreeSpace';
@@ -347,14 +347,10 @@ async function createParallels(ctx: CreateContext): Promise<void> {
   h.writeBigUInt64LE(BigInt(sectors), 36);
   h.writeUInt32LE(dataOff / SECTOR, 48);
   await createFile(ctx.filename, 0, 'off');
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     await f.write(h, 0);
     await f.truncate(dataOff, prealloc);
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 export const parallelsDriver: FormatDriver = {

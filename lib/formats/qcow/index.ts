@@ -6,7 +6,7 @@ import { ImgError } from '../../core/errors';
 import { readBacking } from '../../core/io';
 import type { BlockNode, CreateContext, Extent, FormatDriver, MapInvalidator, OpenContext, Preallocation, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { Mutex } from '../qcow2/util';
 import { PageCache } from '../qed/pagecache';
 import { fullBackingName } from '../qcow2/node';
@@ -376,16 +376,12 @@ async function createQcow(ctx: CreateContext): Promise<void> {
     l1Offset: headerSize,
   };
   await createFile(ctx.filename, 0, prealloc === 'off' ? 'off' : prealloc);
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     await f.write(serializeHeader(h), 0);
     if (nb) await f.write(nb, HEADER_LEN);
     const l1Bytes = Math.ceil((l1Size * 8) / 512) * 512;
     await f.write(Buffer.alloc(l1Bytes), headerSize);
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 export const qcowDriver: FormatDriver = {

@@ -6,7 +6,7 @@ import type {
   BlockNode, CheckResult, CreateContext, Extent, FormatDriver, MapInvalidator, OpenContext, Preallocation, WriteFlags, ZeroFlags,
 } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { Mutex } from '../qcow2/util';
 import { PageCache } from './pagecache';
 import { fullBackingName } from '../qcow2/node';
@@ -558,15 +558,11 @@ async function createQed(ctx: CreateContext): Promise<void> {
     if (backingFmt === 'raw') h.features |= F_NO_PROBE;
   }
   await createFile(ctx.filename, 0, prealloc);
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     await f.write(serializeHeader(h), 0);
     if (nb) await f.write(nb, HEADER_LEN);
     await f.truncate(cs + cs * ts);
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 export const qedDriver: FormatDriver = {

@@ -6,7 +6,7 @@ import type {
   BlockNode, CheckResult, CreateContext, Extent, FormatDriver, MapInvalidator, OpenContext, Preallocation, WriteFlags,
 } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { Mutex } from '../qcow2/util';
 
 const SIGNATURE = 0xbeda107f;
@@ -280,15 +280,11 @@ async function createVdi(ctx: CreateContext): Promise<void> {
   const bmap = Buffer.alloc(bmapSize);
   for (let i = 0; i < blocks; i++) bmap.writeUInt32LE(isStatic ? i : UNALLOCATED, i * 4);
   await createFile(ctx.filename, 0, 'off');
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     await f.write(h, 0);
     await f.write(bmap, 0x200);
     if (isStatic) await f.truncate(0x200 + bmapSize + blocks * BLOCK);
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 export const vdiDriver: FormatDriver = {

@@ -4,7 +4,7 @@
 import { ImgError } from '../../core/errors';
 import type { BlockNode, CheckResult, CreateContext, Extent, FormatDriver, OpenContext, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import {
   BAT_GUID, checksum, FILE_PARAMS_GUID, guidText, Header, HEADER1, HEADER2, HEADER_SIZE, isZeroGuid, LOG_SECTOR, LSS_GUID,
   MAX_BLOCK_SIZE, MAX_IMAGE_SIZE, MAX_METADATA_ENTRIES, MAX_REGION_ENTRIES, MAX_SECTORS_PER_BLOCK, METADATA_GUID,
@@ -509,8 +509,7 @@ export async function createVhdx(ctx: CreateContext): Promise<void> {
   const dataOffset = metaOffset + 5 * MiB; // as qemu: 4 MiB spare after the metadata
 
   await createFile(ctx.filename, 0, 'off');
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     const id = Buffer.alloc(64 * 1024);
     id.write('vhdxfile', 0, 'latin1');
     id.write('imgmount', 8, 'utf16le');
@@ -558,10 +557,7 @@ export async function createVhdx(ctx: CreateContext): Promise<void> {
       }
       await f.write(bat, batOffset);
     }
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 export const vhdxDriver: FormatDriver = {

@@ -7,7 +7,7 @@ import crypto from 'node:crypto';
 import { ImgError } from '../../core/errors';
 import type { BlockNode, CreateContext, Extent, FormatDriver, OpenContext, WriteFlags } from '../../core/node';
 import { OptionReader } from '../../core/options';
-import { createFile, FileNode } from '../../protocols/file';
+import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { Mutex } from '../../core/mutex';
 
 export const FOOTER_SIZE = 512;
@@ -383,8 +383,7 @@ export async function createVpc(ctx: CreateContext): Promise<void> {
   const type = sub === 'fixed' ? TYPE_FIXED : TYPE_DYNAMIC;
   const footer = buildFooter(totalSize, geo, type, force);
   await createFile(ctx.filename, 0, 'off');
-  const f = FileNode.open({ filename: ctx.filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
-  try {
+  await withFileRw(ctx.filename, async (f) => {
     if (type === TYPE_FIXED) {
       await f.truncate(totalSize + FOOTER_SIZE);
       await f.write(footer, totalSize);
@@ -407,10 +406,7 @@ export async function createVpc(ctx: CreateContext): Promise<void> {
       await f.write(h, 512);
       await f.write(footer, batOffset + batBytes);
     }
-    await f.flush();
-  } finally {
-    await f.close();
-  }
+  });
 }
 
 /** A fixed VHD has its only footer at the end: recognised from the file's last bytes. */

@@ -268,10 +268,16 @@ export async function createFile(filename: string, size: number, prealloc: Preal
   } finally {
     fs.closeSync(fd);
   }
+  await withFileRw(filename, (node) => node.truncate(size, prealloc));
+}
+
+/** Opens `filename` read-write, as image creation does, runs fn, then flushes and closes it. */
+export async function withFileRw<T>(filename: string, fn: (f: FileNode) => Promise<T>): Promise<T> {
   const node = FileNode.open({ filename, readOnly: false, direct: false, noFlush: false, writethrough: false, locking: 'auto', shareRw: false });
   try {
-    await node.truncate(size, prealloc);
+    const r = await fn(node);
     await node.flush();
+    return r;
   } finally {
     await node.close();
   }
