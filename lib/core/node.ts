@@ -45,7 +45,7 @@ export interface ZeroFlags { mayUnmap?: boolean; noFallback?: boolean }
 
 /** Called by a node before it changes how a guest range maps to host storage. */
 export type MapInvalidator = (offset: number, length: number) => void;
-export type MapHint = (offset: number, length: number, host?: HostLocation) => void;
+export type MapHint = (offset: number, length: number, host: HostLocation) => void;
 
 export interface SnapshotInfo {
   id: string;
@@ -87,8 +87,8 @@ export interface BlockNode {
   /** set by the FUSE export; nodes call it before changing a guest range's host mapping */
   mapInvalidator?: MapInvalidator | null;
   /** set by the FUSE export; a node calls it when a range just became servable from the host
-   *  (e.g. clusters linked ahead of a sequential write), so the export maps it at once; with
-   *  `host` (the whole range at host.offset onwards), synchronously and without asking back */
+   *  (clusters linked ahead of a sequential write): the whole range lies at host.offset
+   *  onwards, and the export maps it synchronously, without asking back */
   mapHint?: MapHint | null;
   /** format-specific data for `info` (qemu-img's "format-specific" object) */
   formatSpecific?(): Promise<{ type: string; data: Record<string, unknown> } | null>;

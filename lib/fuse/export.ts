@@ -102,13 +102,11 @@ export class FuseExport {
       s.f.node.mapInvalidator = (off, len) => this.invalidate(i, off, len);
       s.f.node.mapHint = (off, len, host) => {
         const end = Math.min(s.f.node.size, off + len);
-        if (host && !host.crypt && this.srv && end > off) {
-          let flags = host.direct ? MAP_DIRECT : 0;
-          if (host.writable && !s.f.readOnly && !s.f.node.readOnly) flags |= MAP_WRITABLE;
-          this.nat.setMap(this.srv, i, Float64Array.from([off, end - off, host.fd, host.offset, flags]));
-          return;
-        }
-        this.mapHinted(i, off, end).catch((e) => debug('map hint: %s', (e as Error).message));
+        const cryptId = host.crypt ? this.cryptId(host.crypt) : undefined;
+        if (!this.srv || end <= off || cryptId === null) return;
+        let flags = (host.direct ? MAP_DIRECT : 0) | (cryptId === undefined ? 0 : MAP_CRYPT | (cryptId << 8));
+        if (host.writable && !s.f.readOnly && !s.f.node.readOnly) flags |= MAP_WRITABLE;
+        this.nat.setMap(this.srv, i, Float64Array.from([off, end - off, host.fd, host.offset, flags]));
       };
     });
     await init;
@@ -296,16 +294,7 @@ export class FuseExport {
     await this.mapRange(file, start, end, 16384);
   }
 
-  /** maps a range a node announced, again if a change elsewhere raced with the first try */
-  private async mapHinted(file: number, start: number, end: number): Promise<void> {
-    for (let attempt = 0; attempt < 4; attempt++) {
-      const r = { raced: false };
-      await this.mapRange(file, start, end, 64, r);
-      if (!r.raced) return;
-    }
-  }
-
-  private async mapRange(file: number, start: number, end: number, maxExtents: number, out?: { raced: boolean }): Promise<number> {
+  private async mapRange(file: number, start: number, end: number, maxExtents: number): Promise<number> {
     const s = this.files[file];
     const node = s.f.node;
     const gen = s.generation;
@@ -341,11 +330,7 @@ export class FuseExport {
       }
       o += ext.length;
     }
-    if (!this.srv || entries.length === 0) return o;
-    if (this.changedSince(s, gen, start, o)) {
-      if (out) out.raced = true;
-      return o;
-    }
+    if (!this.srv || entries.length === 0 || this.changedSince(s, gen, start, o)) return o;
     this.nat.setMap(this.srv, file, Float64Array.from(entries));
     return o;
   }
