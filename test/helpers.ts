@@ -107,6 +107,31 @@ export function background(t: { teardown(fn: () => void | Promise<void>): void }
 
 export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/** the pid of the server behind a mount, from its runtime state file */
+export function serverPid(mnt: string): number | null {
+  const dir = '/run/imgmount';
+  if (!fs.existsSync(dir)) return null;
+  for (const f of fs.readdirSync(dir).filter((n) => n.endsWith('.json'))) {
+    try {
+      const s = JSON.parse(fs.readFileSync(path.join(dir, f), 'utf8')) as { pid: number; mountpoint: string };
+      if (s.mountpoint === mnt) return s.pid;
+    } catch { /* being rewritten */ }
+  }
+  return null;
+}
+
+/** Runs the Python `writer` (argv[1]: the mounted disk) in the background, kills the server
+ *  with SIGKILL after `ms`, waits for the writer to fail, and unmounts the dead mount. */
+export async function killServerWhileWriting(mnt: string, writer: string, ms: number): Promise<{ pid: number | null; unmount: Run }> {
+  const pid = serverPid(mnt);
+  const w = spawn('python3', ['-c', writer, path.join(mnt, 'disk.raw')], { stdio: 'ignore' });
+  await sleep(ms);
+  if (pid !== null) process.kill(pid, 'SIGKILL');
+  else w.kill('SIGKILL');
+  await waitFor(() => w.exitCode !== null || w.signalCode !== null, 10000);
+  return { pid, unmount: imgmount(['unmount', mnt]) };
+}
+
 export async function waitFor(cond: () => boolean, ms = 10000, step = 50): Promise<boolean> {
   const end = Date.now() + ms;
   while (Date.now() < end) {
