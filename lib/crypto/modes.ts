@@ -6,6 +6,7 @@
 //   CBC decryption is parallel (one ECB call, then XOR with the previous ciphertext block).
 import crypto from 'node:crypto';
 import { ImgError } from '../core/errors';
+import type { HostCrypt } from '../core/node';
 import { BlockCipher, CipherAlg, makeCipher } from './cipher';
 
 export type CipherMode = 'xts' | 'cbc' | 'ecb' | 'ctr';
@@ -105,14 +106,15 @@ export function xorInto(dst: Uint8Array, src: Uint8Array): void {
   }
 }
 
-/** OpenSSL's name for a spec the native data path can run (AES without ESSIV), else null. */
-export function nativeCipher(spec: SectorCipherSpec, keyLength: number): { cipher: string; ivBits: 0 | 32 | 64 } | null {
+/** The cipher for the native data path (OpenSSL's name: AES without ESSIV), else null; the IV
+ *  of the sector holding host byte h is (h - ivBase) / sectorSize. */
+export function hostCrypt(spec: SectorCipherSpec, key: Uint8Array, sectorSize: number, ivBase: number): HostCrypt | null {
   if (spec.alg !== 'aes' || spec.ivgen === 'essiv') return null;
-  const bits = (spec.mode === 'xts' ? keyLength / 2 : keyLength) * 8;
+  const bits = (spec.mode === 'xts' ? key.length / 2 : key.length) * 8;
   if (bits !== 128 && bits !== 192 && bits !== 256) return null;
   const ivBits = spec.ivgen === 'plain64' ? 64 : spec.ivgen === 'plain' ? 32 : 0;
   if (spec.mode !== 'ecb' && ivBits === 0) return null;
-  return { cipher: `aes-${bits}-${spec.mode}`, ivBits };
+  return { cipher: `aes-${bits}-${spec.mode}`, ivBits, key, sectorSize, ivBase };
 }
 
 export class SectorCipher {

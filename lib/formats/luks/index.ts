@@ -7,7 +7,7 @@ import { OptionReader } from '../../core/options';
 import { createFile, FileNode, withFileRw } from '../../protocols/file';
 import { isLuks, openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions, UnlockedVolume } from '../../crypto/luks1';
-import { nativeCipher, SectorCipher } from '../../crypto/modes';
+import { hostCrypt, SectorCipher } from '../../crypto/modes';
 
 /** requests are cut into chunks of this size so the crypto temporaries stay bounded */
 const CHUNK = 4 << 20;
@@ -18,16 +18,12 @@ class LuksNode implements BlockNode {
   readonly align: number;
   mapInvalidator = null;
   private cipher: SectorCipher;
-  private hostCrypt: HostCrypt | null = null;
+  private hostCrypt: HostCrypt | null;
   constructor(readonly file: BlockNode, private vol: UnlockedVolume, readonly readOnly: boolean) {
     this.align = Math.max(vol.sectorSize, file.align);
     this.cipher = vol.cipher;
-    const nc = nativeCipher(vol.cipher.spec, vol.masterKey.length);
-    if (nc) {
-      // guest sector s is host sector payloadOffset/ss + s and has IV ivOffset + s
-      const ivBase = vol.payloadOffset - vol.ivOffset * vol.sectorSize;
-      this.hostCrypt = { ...nc, key: vol.masterKey, sectorSize: vol.sectorSize, ivBase };
-    }
+    // guest sector s is host sector payloadOffset/ss + s and has IV ivOffset + s
+    this.hostCrypt = hostCrypt(vol.cipher.spec, vol.masterKey, vol.sectorSize, vol.payloadOffset - vol.ivOffset * vol.sectorSize);
   }
   get filename(): string { return this.file.filename; }
   get size(): number {

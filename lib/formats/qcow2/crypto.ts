@@ -9,7 +9,7 @@ import type { SecretStore } from '../../core/secrets';
 import type { BlockNode, HostCrypt } from '../../core/node';
 import { openLuks, readLuksHeaderInfo, secretHint } from '../../crypto/luks';
 import { createLuks1, parseCreateOptions } from '../../crypto/luks1';
-import { nativeCipher, SectorCipher } from '../../crypto/modes';
+import { hostCrypt, SectorCipher } from '../../crypto/modes';
 import { legacyAesCipher } from '../../crypto/legacy';
 import { EXT_CRYPTO, Qcow2Header } from './header';
 
@@ -31,8 +31,7 @@ class SectorCrypto implements QcowCrypto {
   hostCrypt?: HostCrypt;
   constructor(private c: SectorCipher, private physical: boolean, readonly info: Record<string, unknown>, key?: Buffer) {
     // legacy AES numbers sectors by guest offset, which a host mapping cannot express
-    const nc = physical && key ? nativeCipher(c.spec, key.length) : null;
-    if (nc && key) this.hostCrypt = { ...nc, key: Buffer.from(key), sectorSize: SECTOR, ivBase: 0 };
+    if (physical && key) this.hostCrypt = hostCrypt(c.spec, Buffer.from(key), SECTOR, 0) ?? undefined;
   }
   private sector(host: number, guest: number): number {
     const o = this.physical ? host : guest;
