@@ -464,6 +464,23 @@ const SCENARIOS: Scenario[] = [
     skipReason: (image) => imgmountInfoSkip(image, 'qcow2'),
   },
   {
+    name: 'raw-alloc',
+    format: 'raw',
+    description: 'the same write-once job on a sparse 1 GiB raw file (fresh per run): what the file system allows '
+      + 'without any format metadata, for comparison with qcow2-alloc',
+    async prepare(dir) {
+      const f = path.join(dir, 'empty.raw');
+      fs.writeFileSync(f, '');
+      fs.truncateSync(f, 1 << 30);
+      return f;
+    },
+    minRounds: 5,
+    jobs: ['seqwrite'],
+    freshPerRun: true,
+    once: true,
+    skipReason: (image) => imgmountInfoSkip(image, 'raw'),
+  },
+  {
     name: 'luks',
     format: 'luks',
     description: '1 GiB LUKS1 image (aes-256-xts-plain64, sha256), every sector written (`qemu-io write -P 0x5a`); '

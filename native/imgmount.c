@@ -44,6 +44,9 @@ extern char **environ;
 #define MAP_F_ZERO 2
 #define MAP_F_DIRECT 4
 #define MAP_F_CRYPT 8 /* sectors are encrypted on the host; bits 8.. carry the crypt id */
+/* the first write into the extent is reported to JS (onNotify), and the flag cleared: a
+ * range linked ahead of a sequential write asks for the next one as soon as it is used */
+#define MAP_F_NOTIFY 16
 #define MAX_CRYPT 64
 #define MAP_CAP_ENTRIES (4u * 1024 * 1024)
 #define MAX_THREADS 64
@@ -265,7 +268,7 @@ typedef struct server {
   jsreq_t *pending[PEND_BUCKETS]; /* JS thread only */
 
   napi_threadsafe_function tsfn;
-  napi_ref on_requests, on_init, on_exit;
+  napi_ref on_requests, on_init, on_exit, on_notify;
 
   int alive;        /* worker threads still running (atomic) */
   int stopping;     /* atomic */
@@ -311,8 +314,8 @@ static void server_unref(server_t *s) {
 
 /* ------------------------------------------------------------- tsfn plumbing -- */
 
-enum { EV_REQUESTS = 1, EV_INIT = 2, EV_EXIT = 3 };
-typedef struct { int kind; int err; } event_t;
+enum { EV_REQUESTS = 1, EV_INIT = 2, EV_EXIT = 3, EV_NOTIFY = 4 };
+typedef struct { int kind; int err; int file; uint64_t offset; } event_t;
 
 static void tsfn_call_js(napi_env env, napi_value js_cb, void *context, void *data) {
   server_t *s = context;
@@ -321,12 +324,14 @@ static void tsfn_call_js(napi_env env, napi_value js_cb, void *context, void *da
   if (env) {
     napi_ref ref = ev->kind == EV_REQUESTS ? s->on_requests
                    : ev->kind == EV_INIT   ? s->on_init
+                   : ev->kind == EV_NOTIFY ? s->on_notify
                                            : s->on_exit;
-    napi_value fn, undef, argv[1];
+    napi_value fn, undef, argv[2];
     if (ref && napi_get_reference_value(env, ref, &fn) == napi_ok && fn) {
       napi_get_undefined(env, &undef);
       size_t argc = 0;
       if (ev->kind == EV_EXIT) { argv[0] = make_num(env, ev->err); argc = 1; }
+      if (ev->kind == EV_NOTIFY) { argv[0] = make_num(env, ev->file); argv[1] = make_num(env, (double)ev->offset); argc = 2; }
       napi_valuetype t;
       if (napi_typeof(env, fn, &t) == napi_ok && t == napi_function) {
         napi_value res;
@@ -351,17 +356,22 @@ static void tsfn_finalize(napi_env env, void *data, void *hint) {
   if (s->on_requests) napi_delete_reference(env, s->on_requests);
   if (s->on_init) napi_delete_reference(env, s->on_init);
   if (s->on_exit) napi_delete_reference(env, s->on_exit);
-  s->on_requests = s->on_init = s->on_exit = NULL;
+  if (s->on_notify) napi_delete_reference(env, s->on_notify);
+  s->on_requests = s->on_init = s->on_exit = s->on_notify = NULL;
   server_unref(s);
 }
 
-static void post_event(server_t *s, int kind, int err) {
+static void post_event_at(server_t *s, int kind, int err, int file, uint64_t offset) {
   event_t *ev = malloc(sizeof *ev);
   if (!ev) return;
   ev->kind = kind;
   ev->err = err;
+  ev->file = file;
+  ev->offset = offset;
   if (napi_call_threadsafe_function(s->tsfn, ev, napi_tsfn_nonblocking) != napi_ok) free(ev);
 }
+
+static void post_event(server_t *s, int kind, int err) { post_event_at(s, kind, err, -1, 0); }
 
 /* ------------------------------------------------------------------- replies -- */
 
@@ -438,15 +448,16 @@ static ssize_t map_cover(server_t *s, const extmap_t *m, uint64_t off, uint64_t 
     if (j >= m->n) return -1;
     const extent_t *e = &m->e[j];
     if (e->guest > pos || e->guest + e->len <= pos) return -1;
-    if (for_write && (!(e->flags & MAP_F_WRITABLE) || (e->flags & MAP_F_ZERO))) return -1;
+    uint32_t fl = __atomic_load_n(&e->flags, __ATOMIC_RELAXED); /* NOTIFY is cleared under the read lock */
+    if (for_write && (!(fl & MAP_F_WRITABLE) || (fl & MAP_F_ZERO))) return -1;
     uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
-    if (e->flags & MAP_F_DIRECT) {
+    if (fl & MAP_F_DIRECT) {
       uint64_t h = e->host + (pos - e->guest);
       if ((pos | h | (pend - pos)) & 4095) return -1;
     }
-    if (e->flags & MAP_F_CRYPT) {
+    if (fl & MAP_F_CRYPT) {
       /* only whole sectors: partial ones need read-modify-write, which JS does */
-      const crypt_t *c = __atomic_load_n(&s->crypts[(e->flags >> 8) % MAX_CRYPT], __ATOMIC_ACQUIRE);
+      const crypt_t *c = __atomic_load_n(&s->crypts[(fl >> 8) % MAX_CRYPT], __ATOMIC_ACQUIRE);
       int64_t rel = (int64_t)(e->host + (pos - e->guest)) - (c ? c->ivbase : 0);
       if (!c || rel < 0 || (uint64_t)rel % c->sector || (pend - pos) % c->sector) return -1;
     }
@@ -545,16 +556,22 @@ typedef struct {
  * workers that overlap them (map_wait_idle). Returns the number of pieces, 0 if the map does
  * not cover the request. */
 static size_t map_take(server_t *s, worker_t *w, int fidx, file_t *f, uint64_t off, uint64_t len, int for_write,
-                       extent_t *out, size_t cap) {
+                       extent_t *out, size_t cap, uint64_t *notify) {
+  *notify = UINT64_MAX;
   pthread_rwlock_rdlock(&f->lock);
   ssize_t i = map_cover(s, &f->map, off, len, for_write);
   size_t n = 0;
   uint64_t pos = off, end = off + len;
   for (size_t j = (size_t)i; i >= 0 && pos < end; j++) {
     if (n == cap) { n = 0; break; }
-    const extent_t *e = &f->map.e[j];
+    extent_t *e = &f->map.e[j];
     uint64_t pend = e->guest + e->len < end ? e->guest + e->len : end;
     out[n] = *e;
+    out[n].flags = __atomic_load_n(&e->flags, __ATOMIC_RELAXED);
+    /* one report per extent: whoever clears the flag reports it */
+    if (for_write && (out[n].flags & MAP_F_NOTIFY) &&
+        (__atomic_fetch_and(&e->flags, ~(uint32_t)MAP_F_NOTIFY, __ATOMIC_RELAXED) & MAP_F_NOTIFY) && *notify == UINT64_MAX)
+      *notify = e->guest;
     out[n].host = e->host + (pos - e->guest);
     out[n].guest = pos;
     out[n].len = pend - pos;
@@ -592,7 +609,8 @@ static void map_wait_idle(server_t *s, int fidx, uint64_t off, uint64_t len) {
 /* Serve natively if covered; returns 1 if handled (reply sent), 0 if JS must do it */
 static int native_read(server_t *s, tctx_t *t, int fd, int fidx, file_t *f, uint64_t unique, uint64_t off,
                        uint64_t len, uint8_t *buf) {
-  size_t n = map_take(s, t->w, fidx, f, off, len, 0, t->pieces, t->npieces);
+  uint64_t notify;
+  size_t n = map_take(s, t->w, fidx, f, off, len, 0, t->pieces, t->npieces, &notify);
   if (!n) return 0;
   int err = 0;
   for (size_t j = 0; j < n && !err; j++) {
@@ -613,7 +631,10 @@ static int native_read(server_t *s, tctx_t *t, int fd, int fidx, file_t *f, uint
 
 static int native_write(server_t *s, tctx_t *t, int fd, int fidx, file_t *f, uint64_t unique, uint64_t off,
                         uint64_t len, const uint8_t *data) {
-  size_t n = map_take(s, t->w, fidx, f, off, len, 1, t->pieces, t->npieces);
+  uint64_t notify;
+  size_t n = map_take(s, t->w, fidx, f, off, len, 1, t->pieces, t->npieces, &notify);
+  /* before the write, so JS works on it meanwhile */
+  if (notify != UINT64_MAX && s->on_notify) post_event_at(s, EV_NOTIFY, 0, fidx, notify);
   if (!n) return 0;
   uint8_t *bounce = t->data;
   int err = 0;
@@ -1300,6 +1321,8 @@ static napi_value js_fuse_mount(napi_env env, napi_callback_info info) {
     }
     napi_create_reference(env, fn, 1, refs[i]);
   }
+  fn = get_prop(env, o, "onNotify"); /* optional */
+  if (fn && napi_typeof(env, fn, &t) == napi_ok && t == napi_function) napi_create_reference(env, fn, 1, &s->on_notify);
 
   s->mtime = time(NULL);
   /* IMGMOUNT_FUSERMOUNT=1 forces the fusermount3 path even as root (for tests) */
@@ -1372,6 +1395,8 @@ fail_nothrow:
     if (*r) napi_delete_reference(env, *r);
     *r = NULL;
   }
+  if (s->on_notify) napi_delete_reference(env, s->on_notify);
+  s->on_notify = NULL;
   server_free(s);
   return NULL;
 }

@@ -7,6 +7,7 @@ export const MAP_WRITABLE = 1; // overwrites in place are allowed (allocated, un
 export const MAP_ZERO = 2;     // reads return zeros without touching any fd (fd/hostOffset ignored)
 export const MAP_DIRECT = 4;   // fd is O_DIRECT: native uses aligned bounce buffers; unaligned requests go to JS
 export const MAP_CRYPT = 8;    // host sectors are encrypted with the cipher registered as flags >> 8 (setCrypt)
+export const MAP_NOTIFY = 16;  // the first native write into the entry calls onNotify (then the flag is cleared)
 export const MAX_CRYPT = 64;
 
 export interface FuseFileSpec {
@@ -34,6 +35,8 @@ export interface FuseMountOptions {
   onInit: () => void;
   /** called once every server thread has stopped (unmounted, aborted, or stop()); err is an errno or 0 */
   onExit: (err: number) => void;
+  /** called when a native write first lands in an extent mapped with MAP_NOTIFY (offset: the extent's start) */
+  onNotify?: (file: number, offset: number) => void;
 }
 
 export type FuseOp = 'read' | 'write' | 'fsync' | 'lseek' | 'fallocate';

@@ -16,6 +16,8 @@ export interface HostLocation {
   direct: boolean;
   /** the host bytes are ciphertext, sector by sector, in a cipher the native path can run */
   crypt?: HostCrypt;
+  /** call the node's onMappedWrite() when the first write lands in this range (map hints only) */
+  notify?: boolean;
 }
 
 /** A sector cipher for the native data path (one object per open image: its identity matters). */
@@ -90,6 +92,9 @@ export interface BlockNode {
    *  (clusters linked ahead of a sequential write): the whole range lies at host.offset
    *  onwards, and the export maps it synchronously, without asking back */
   mapHint?: MapHint | null;
+  /** the export reports the first write into a range hinted with `notify` (its start offset):
+   *  a sequential write entered the range, so the next one can be linked ahead now */
+  onMappedWrite?(offset: number): void;
   /** format-specific data for `info` (qemu-img's "format-specific" object) */
   formatSpecific?(): Promise<{ type: string; data: Record<string, unknown> } | null>;
   /** qemu-img info's extra top-level keys (cluster-size, backing-filename, dirty-flag...) */

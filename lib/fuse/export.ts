@@ -7,7 +7,7 @@ import createDebug from 'debug';
 import { ImgError, toErrno } from '../core/errors';
 import { chainStatus, discardAt, flushNode, readAt, writeAt, writeZeroesAt } from '../core/io';
 import type { BlockNode, HostCrypt } from '../core/node';
-import { FuseRequest, FuseServer, loadNative, MAP_CRYPT, MAP_DIRECT, MAP_WRITABLE, MAP_ZERO, MAX_CRYPT, NativeAddon, nativeLoadError } from '../core/native';
+import { FuseRequest, FuseServer, loadNative, MAP_CRYPT, MAP_DIRECT, MAP_NOTIFY, MAP_WRITABLE, MAP_ZERO, MAX_CRYPT, NativeAddon, nativeLoadError } from '../core/native';
 
 const debug = createDebug('imgmount:fuse');
 const E = os.constants.errno;
@@ -93,6 +93,7 @@ export class FuseExport {
         onRequests: () => this.drain(),
         onInit: () => initDone(),
         onExit: (err) => this.resolveExit(err),
+        onNotify: (file, offset) => this.files[file]?.f.node.onMappedWrite?.(offset),
       });
     } catch (e) {
       const msg = (e as Error).message;
@@ -106,6 +107,7 @@ export class FuseExport {
         if (!this.srv || end <= off || cryptId === null) return;
         let flags = (host.direct ? MAP_DIRECT : 0) | (cryptId === undefined ? 0 : MAP_CRYPT | (cryptId << 8));
         if (host.writable && !s.f.readOnly && !s.f.node.readOnly) flags |= MAP_WRITABLE;
+        if (host.notify) flags |= MAP_NOTIFY;
         this.nat.setMap(this.srv, i, Float64Array.from([off, end - off, host.fd, host.offset, flags]));
       };
     });

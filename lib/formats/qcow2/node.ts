@@ -1,5 +1,7 @@
 // The qcow2 block node: L1/L2 mapping, refcounts, allocation, snapshots.
+import fs from 'node:fs';
 import zlib from 'node:zlib';
+import createDebug from 'debug';
 import { promisify } from 'node:util';
 import { ImgError } from '../../core/errors';
 import { loadNative } from '../../core/native';
@@ -10,10 +12,12 @@ import {
   MAX_L1_BYTES, MAX_REFTABLE_BYTES, Qcow2Header, serializeHeader,
 } from './header';
 import {
-  entryOffset, getRef, maxRef, Mutex, OFLAG_COMPRESSED, OFLAG_COPIED, readEntry, refByteRange, setRef, TableCache, writeEntry,
+  allZero, entryOffset, getRef, maxRef, Mutex, OFLAG_COMPRESSED, OFLAG_COPIED, readEntry, refByteRange, setRef, TableCache, writeEntry,
 } from './util';
 import { readSnapshotTable, Snapshot, writeSnapshotTableBuf } from './snapshot';
 import type { QcowCrypto } from './crypto';
+
+const debug = createDebug('imgmount:qcow2');
 
 const inflateRaw = promisify(zlib.inflateRaw);
 /** the most clusters reserved ahead for allocating writes (see allocDataClusters) */
@@ -428,6 +432,12 @@ export class Qcow2Node implements BlockNode {
       }
       const blk = await this.loadRefBlock(off);
       const blockEnd = (bi + 1) * per;
+      // whole refcount bytes: the run's rest, if free, is found at once
+      const take = Math.min(blockEnd - c, n - run);
+      if (this.refOrder >= 3 && allZero(blk, ((c - bi * per) << this.refOrder) >> 3, ((c + take - bi * per) << this.refOrder) >> 3)) {
+        run += take; c += take;
+        continue;
+      }
       while (c < blockEnd && run < n) {
         if (getRef(blk, c - bi * per, this.refOrder) === 0) { run++; c++; } else { c++; start = c; run = 0; }
       }
@@ -477,6 +487,8 @@ export class Qcow2Node implements BlockNode {
     const fd = (this.dataNode as unknown as { fd?: unknown }).fd;
     const nat = loadNative();
     if (typeof fd !== 'number' || !nat) return false;
+    // past the end of the file: no lseek, which on tmpfs waits for the inode lock behind writers
+    if (off >= fs.fstatSync(fd).size) return true;
     const d = nat.lseek(fd, off, 3 /* SEEK_DATA */);
     return d === -6 /* ENXIO: nothing but holes up to the end */ || d >= off + len;
   }
@@ -506,6 +518,17 @@ export class Qcow2Node implements BlockNode {
     for (let skip = 0; skip < 256 && gc < nClusters && Math.floor(gc / this.l2Entries) === l1i; skip++, gc++) {
       if (!this.allocInflight.has(gc) && this.decode(t.buf, gc % this.l2Entries).kind !== 'normal') break;
     }
+    // and past the requests of the queue that arrived ahead of their turn (a gap they leave
+    // is allocated by its own request when it comes), or the window would end at the first
+    for (const k of this.allocInflight.keys()) {
+      if (k >= gc && (k - gc) * cs <= STREAM_SLACK && Math.floor(k / this.l2Entries) === l1i) gc = k + 1;
+    }
+    // a run of zero entries (a new L2 table) is taken at once, up to the first allocation in flight
+    let zeros = Math.min(want, nClusters - gc, this.l2Entries - (gc % this.l2Entries));
+    for (const k of this.allocInflight.keys()) if (k >= gc && k - gc < zeros) zeros = k - gc;
+    if (zeros > 0 && allZero(t.buf, (gc % this.l2Entries) * this.es, (gc % this.l2Entries + zeros) * this.es)) {
+      for (const end = gc + zeros; gc < end; gc++) entries.push({ gc, idx: gc % this.l2Entries, host: 0, hi: 0, lo: 0 });
+    }
     for (; entries.length < want && gc < nClusters && Math.floor(gc / this.l2Entries) === l1i; gc++) {
       if (this.allocInflight.has(gc)) break;
       const idx = gc % this.l2Entries;
@@ -515,10 +538,12 @@ export class Qcow2Node implements BlockNode {
     }
     if (!entries.length) return null;
     if (this.pool.end > this.pool.next && !this.pool.fresh) return null;
-    if (this.pool.end - this.pool.next < entries.length) {
-      if (this.pool.end === this.pool.next) await this.refillPool(entries.length);
-      entries.length = Math.min(entries.length, this.pool.end - this.pool.next);
-    }
+    // a reservation much too small for the window (as at the start of a stream) is replaced:
+    // its rest is given back first, so the new one starts at the same place unless metadata
+    // was allocated right after it; a big rest is used up first, so that it leaves no hole
+    const left = this.pool.end - this.pool.next;
+    if (left < entries.length / 4) await this.refillPool(entries.length);
+    entries.length = Math.min(entries.length, this.pool.end - this.pool.next);
     if (!this.pool.fresh || !entries.length) return null;
     this.mapInvalidator?.(entries[0].gc * cs, Math.min(entries.length * cs, this._size - entries[0].gc * cs));
     const host0 = await this.allocDataClusters(entries.length);
@@ -533,8 +558,37 @@ export class Qcow2Node implements BlockNode {
     const length = Math.min(entries.length * cs, this._size - offset);
     // mapped right here, under the metadata lock, so no later unlink can overtake it
     const dn = this.dataNode as unknown as { fd?: unknown; direct?: unknown };
-    if (typeof dn.fd === 'number') this.mapHint?.(offset, length, { fd: dn.fd, offset: host0, writable: true, direct: !!dn.direct });
+    if (typeof dn.fd === 'number') this.mapHint?.(offset, length, { fd: dn.fd, offset: host0, writable: true, direct: !!dn.direct, notify: true });
     return { offset, length };
+  }
+
+  private extending = false;
+
+  // The export reports the first write into a linked-ahead window. When the stream enters
+  // the newest window, the next one is linked at once, while the native threads write this
+  // one: otherwise every window would end in writes that miss the map and wait here.
+  onMappedWrite(offset: number): void {
+    const last = this.prelinked[this.prelinked.length - 1];
+    if (!last || this.extending || !this.prelinkGrow) return;
+    const cs = this.cs;
+    if (offset < last.entries[0].gc * cs || offset >= (last.entries[last.entries.length - 1].gc + 1) * cs) return;
+    this.extending = true;
+    this.lock.run(async () => {
+      // settled (a flush, a broken stream) or extended meanwhile: nothing to do
+      if (this.prelinked[this.prelinked.length - 1] !== last || !this.prelinkGrow) return;
+      await this.markDirty();
+      // a window cut short by the end of an L2 table leaves little time: link one more then
+      for (let n = 0; n < 3; n++) {
+        const tail = this.prelinked[this.prelinked.length - 1];
+        const gcStart = tail.entries[tail.entries.length - 1].gc + 1;
+        if (gcStart * cs >= this._size) return;
+        const l1i = Math.floor(gcStart / this.l2Entries);
+        const ahead = await this.prelink(await this.l2ForWrite(l1i), l1i, gcStart);
+        if (!ahead) return;
+        this.streamEnd = Math.max(this.streamEnd, ahead.offset + ahead.length);
+        if (ahead.length >= PRELINK_FIRST_BYTES) return;
+      }
+    }).catch((e) => debug('linking ahead: %s', (e as Error).message)).finally(() => { this.extending = false; });
   }
 
   /** under the metadata lock: unlinks the linked-ahead clusters that were never written */
@@ -641,9 +695,9 @@ export class Qcow2Node implements BlockNode {
         if (v > max) throw new ImgError('image', `qcow2: refcount of cluster ${c} would exceed the maximum of ${max}`);
         setRef(blk, i, this.refOrder, v);
         if (v === 0 && c < this.freeHint) this.freeHint = c;
-        const [a, b] = refByteRange(i, this.refOrder);
-        lo = Math.min(lo, a); hi = Math.max(hi, b);
       }
+      lo = refByteRange(first > bi * per ? first - bi * per : 0, this.refOrder)[0];
+      hi = refByteRange(blockEnd - bi * per, this.refOrder)[1];
       if (hi > lo) {
         // a view of the live block: whichever write runs last stores the newest bytes
         const w = this.file.write!(blk.subarray(lo, hi), off + lo);
