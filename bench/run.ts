@@ -574,7 +574,9 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
   if (!sc.freshPerRun) for (const s of SIDES) await copyImage(master, images[s.key]);
   for (const job of jobs) res.results.push({ job, samples: { imgmount: [], qsd: [] } });
   const rounds = Math.max(o.rounds, sc.minRounds ?? 0);
-  for (let round = 0; round < rounds; round++) {
+  // write-once scenarios start with an uncounted round: the first allocations after the
+  // scenarios before (which freed several GiB) were slow on both sides
+  for (let round = sc.freshPerRun ? -1 : 0; round < rounds; round++) {
     const order = round % 2 === 0 ? SIDES : [...SIDES].reverse();
     for (const jr of res.results) {
       for (const side of order) {
@@ -595,8 +597,8 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
         }
         // the image goes at once, so no run allocates next to the other side's image
         if (sc.freshPerRun) { try { fs.unlinkSync(images[side.key]); } catch { /* none */ } }
-        jr.samples[side.key].push(s);
-        log(`${sc.name} round ${round + 1}/${rounds} ${jr.job.name} ${side.label}: ${s.mibs.toFixed(1)} MiB/s, ${Math.round(s.iops)} IOPS`);
+        if (round >= 0) jr.samples[side.key].push(s);
+        log(`${sc.name} ${round >= 0 ? `round ${round + 1}/${rounds}` : 'warm-up round (not counted)'} ${jr.job.name} ${side.label}: ${s.mibs.toFixed(1)} MiB/s, ${Math.round(s.iops)} IOPS`);
       }
     }
   }
@@ -644,7 +646,7 @@ function report(o: Options, all: ScenarioResult[], machineLines: string[], comma
     + `imgmount \`-r\`) on copies of the same image. fio `
     + `with \`ioengine=libaio, direct=1\`, ${o.runtime} s time-based after a 1 s ramp, size = the whole disk. `
     + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
-    + `Write-once scenarios (a fresh image per run) delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
+    + `Write-once scenarios (a fresh image per run) begin with an uncounted round, delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
     + `one: on this VM, memory just freed is handed back to the hypervisor for a moment, and a run allocating meanwhile `
     + `was slowed at random (by up to half). `
     + `${o.rounds} round(s); in each round every job runs on both sides, and which side goes first alternates per round. `
