@@ -482,6 +482,25 @@ export class Qcow2Node implements BlockNode {
     if (end > next) await this.updateRefcount(next * this.cs, (end - next) * this.cs, -1);
   }
 
+  /** the data ranges of [off, end) of the host file, in order (null when that is unknown) */
+  private dataRanges(off: number, end: number): [number, number][] | null {
+    const fd = (this.dataNode as unknown as { fd?: unknown }).fd;
+    const nat = loadNative();
+    if (typeof fd !== 'number' || !nat) return null;
+    const out: [number, number][] = [];
+    for (let pos = off; pos < end;) {
+      const d = nat.lseek(fd, pos, 3 /* SEEK_DATA */);
+      if (d === -6 /* ENXIO: only holes from pos on */ || d >= end) break;
+      if (d < 0) return null;
+      const h = nat.lseek(fd, d, 4 /* SEEK_HOLE */);
+      if (h < 0) return null;
+      out.push([d, Math.min(h, end)]);
+      if (h <= d) return null; // cannot happen; never loop
+      pos = h;
+    }
+    return out;
+  }
+
   /** no byte of [off, off+len) of the host file holds data (false when that is unknown) */
   private isHole(off: number, len: number): boolean {
     const fd = (this.dataNode as unknown as { fd?: unknown }).fd;
@@ -617,8 +636,14 @@ export class Qcow2Node implements BlockNode {
       const l2 = await this.loadL2(ch.l2off);
       let freed = false;
       let run = { host: 0, len: 0 };
+      // the window is contiguous on the host: what reached the file, in a few lseeks
+      const h0 = ch.entries[0].host;
+      const data = this.dataRanges(h0, h0 + ch.entries.length * cs);
+      let di = 0;
       for (const e of ch.entries) {
-        if (!this.isHole(e.host, cs)) continue; // written (or unknown: keeping it is safe)
+        while (data && di < data.length && data[di][1] <= e.host) di++;
+        // written (or unknown: keeping it is safe)
+        if (!data || (di < data.length && data[di][0] < e.host + cs)) continue;
         l2.writeUInt32BE(e.hi >>> 0, e.idx * this.es);
         l2.writeUInt32BE(e.lo >>> 0, e.idx * this.es + 4);
         freed = true;
