@@ -451,13 +451,13 @@ const SCENARIOS: Scenario[] = [
     name: 'qcow2-alloc',
     format: 'qcow2',
     description: 'allocating writes: fio writes the whole of an empty 1 GiB qcow2 once (fresh image per run; '
-      + 'at least 11 rounds, as a run lasts about a second)',
+      + 'at least 12 rounds, as a run lasts about a second)',
     async prepare(dir) {
       const f = path.join(dir, 'empty.qcow2');
       await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, '1G'], 60);
       return f;
     },
-    minRounds: 11,
+    minRounds: 12,
     jobs: ['seqwrite'],
     freshPerRun: true,
     once: true,
@@ -474,7 +474,7 @@ const SCENARIOS: Scenario[] = [
       fs.truncateSync(f, 1 << 30);
       return f;
     },
-    minRounds: 11,
+    minRounds: 12,
     jobs: ['seqwrite'],
     freshPerRun: true,
     once: true,
@@ -573,7 +573,11 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
   };
   if (!sc.freshPerRun) for (const s of SIDES) await copyImage(master, images[s.key]);
   for (const job of jobs) res.results.push({ job, samples: { imgmount: [], qsd: [] } });
-  const rounds = Math.max(o.rounds, sc.minRounds ?? 0);
+  let rounds = Math.max(o.rounds, sc.minRounds ?? 0);
+  // Which side goes first alternates per round. Write-once runs showed a strong position
+  // effect (the run that follows the same side's run was slow, on both sides), so an odd
+  // count would give one side one more slow sample: those scenarios run an even count.
+  if (sc.freshPerRun && rounds % 2) rounds++;
   // write-once scenarios start with an uncounted round: the first allocations after the
   // scenarios before (which freed several GiB) were slow on both sides
   for (let round = sc.freshPerRun ? -1 : 0; round < rounds; round++) {
@@ -646,7 +650,9 @@ function report(o: Options, all: ScenarioResult[], machineLines: string[], comma
     + `imgmount \`-r\`) on copies of the same image. fio `
     + `with \`ioengine=libaio, direct=1\`, ${o.runtime} s time-based after a 1 s ramp, size = the whole disk. `
     + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
-    + `Write-once scenarios (a fresh image per run) begin with an uncounted round, delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
+    + `Write-once scenarios (a fresh image per run) run an even number of rounds, at least 12 (a run that followed the same `
+    + `side's run was often slow, on both sides: an odd count would give one side an extra slow sample), `
+    + `begin with an uncounted round, delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
     + `one: on this VM, memory just freed is handed back to the hypervisor for a moment, and a run allocating meanwhile `
     + `was slowed at random (by up to half). `
     + `${o.rounds} round(s); in each round every job runs on both sides, and which side goes first alternates per round. `
