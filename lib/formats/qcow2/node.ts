@@ -471,7 +471,7 @@ export class Qcow2Node implements BlockNode {
     // written, and writeDirtyL2 waits for this write first (qemu's refcount-before-L2 order)
     await this.updateRefcount(c * this.cs, want * this.cs, 1, true);
     // clusters in a hole of the file (or past its end) read as zeros until written (see prelink)
-    const fresh = this.isHole(c * this.cs, want * this.cs);
+    const fresh = this.dataRanges(c * this.cs, (c + want) * this.cs)?.length === 0;
     this.pool = { next: c, end: c + want, grow: Math.min(max, Math.max(2 * want, 2 * n)), fresh };
   }
 
@@ -488,28 +488,18 @@ export class Qcow2Node implements BlockNode {
     const nat = loadNative();
     if (typeof fd !== 'number' || !nat) return null;
     const out: [number, number][] = [];
+    // past the end of the file: no lseek, which on tmpfs waits for the inode lock behind writers
+    end = Math.min(end, fs.fstatSync(fd).size);
     for (let pos = off; pos < end;) {
       const d = nat.lseek(fd, pos, 3 /* SEEK_DATA */);
       if (d === -6 /* ENXIO: only holes from pos on */ || d >= end) break;
       if (d < 0) return null;
       const h = nat.lseek(fd, d, 4 /* SEEK_HOLE */);
-      if (h < 0) return null;
+      if (h <= d) return null; // an error (or a file changing under us): unknown
       out.push([d, Math.min(h, end)]);
-      if (h <= d) return null; // cannot happen; never loop
       pos = h;
     }
     return out;
-  }
-
-  /** no byte of [off, off+len) of the host file holds data (false when that is unknown) */
-  private isHole(off: number, len: number): boolean {
-    const fd = (this.dataNode as unknown as { fd?: unknown }).fd;
-    const nat = loadNative();
-    if (typeof fd !== 'number' || !nat) return false;
-    // past the end of the file: no lseek, which on tmpfs waits for the inode lock behind writers
-    if (off >= fs.fstatSync(fd).size) return true;
-    const d = nat.lseek(fd, off, 3 /* SEEK_DATA */);
-    return d === -6 /* ENXIO: nothing but holes up to the end */ || d >= off + len;
   }
 
   // Sequential allocating writes (a guest filling an empty disk) would each pass through
@@ -712,7 +702,9 @@ export class Qcow2Node implements BlockNode {
       const bi = Math.floor(c / per);
       const off = this.refTableEntry(bi);
       const blockEnd = Math.min((bi + 1) * per - 1, last);
-      let lo = Infinity, hi = -1;
+      // the bytes this block's changes span
+      const lo = refByteRange(c - bi * per, this.refOrder)[0];
+      const hi = refByteRange(blockEnd - bi * per, this.refOrder)[1];
       for (; c <= blockEnd; c++) {
         const i = c - bi * per;
         const v = getRef(blk, i, this.refOrder) + addend;
@@ -721,8 +713,6 @@ export class Qcow2Node implements BlockNode {
         setRef(blk, i, this.refOrder, v);
         if (v === 0 && c < this.freeHint) this.freeHint = c;
       }
-      lo = refByteRange(first > bi * per ? first - bi * per : 0, this.refOrder)[0];
-      hi = refByteRange(blockEnd - bi * per, this.refOrder)[1];
       if (hi > lo) {
         // a view of the live block: whichever write runs last stores the newest bytes
         const w = this.file.write!(blk.subarray(lo, hi), off + lo);
