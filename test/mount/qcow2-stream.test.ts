@@ -2,7 +2,7 @@
 // clusters ahead of the guest and the native threads write them; what the guest never wrote
 // is given back at flush, so the image holds exactly what was written (qemu-img check, map and
 // compare agree), and a kill -9 in the middle leaves at most leaked clusters.
-import t from 'tap';
+import t, { Test } from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
@@ -43,13 +43,13 @@ for step in plan.split(','):
 print('ok')
 `;
 
-t.test('sequential writes into an empty qcow2 go native; unwritten windows are given back', { skip: canMount ? false : 'needs /dev/fuse and root' }, async (t) => {
-  const d = tmpdir(t);
-  const img = path.join(d, 'empty.qcow2');
-  t.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '256M']).code, 0);
+/** exports img (in process), runs WRITER's plan on it with a size-byte reference file beside it,
+ *  unmounts; returns the reference, the export's request counts and both steps' results */
+async function streamInto(t: Test, img: string, size: number, plan: string) {
+  const d = path.dirname(img);
   const ref = path.join(d, 'ref.raw');
   fs.writeFileSync(ref, '');
-  fs.truncateSync(ref, 256 * MiB);
+  fs.truncateSync(ref, size);
   const node = await openImage(img, { readOnly: false });
   const mnt = path.join(d, 'm');
   fs.mkdirSync(mnt);
@@ -57,22 +57,35 @@ t.test('sequential writes into an empty qcow2 go native; unwritten windows are g
   await exp.start();
   let mounted = true;
   t.teardown(async () => { if (mounted) { await child('umount', ['-l', mnt]); await exp.stop(); await node.close(); } });
-  // a stream, a flush in the middle of a linked window, a second stream elsewhere, and a
-  // write that ends in the middle of a cluster
-  const plan = [`0:${40 * MiB}:1`, 'sync', `${40 * MiB}:${3 * MiB}:2`, `${100 * MiB}:${24 * MiB}:3`, `${200 * MiB}:${1 * MiB + 4096}:4`].join(',');
-  const w = await child('python3', ['-c', WRITER, path.join(mnt, 'disk.raw'), ref, plan]);
-  t.equal(w.stdout.trim(), 'ok', `writer: ${w.stderr}`);
-  const st = exp.stats();
-  t.ok(st && st.nativeWrites >= 40, `most 1 MiB writes were served natively (${JSON.stringify(st)})`);
-  t.equal((await child('umount', [mnt])).code, 0, 'unmount');
+  const writer = await child('python3', ['-c', WRITER, path.join(mnt, 'disk.raw'), ref, plan]);
+  const stats = exp.stats();
+  const unmount = await child('umount', [mnt]);
   await exp.wait();
   await exp.stop();
   await node.close();
   mounted = false;
+  return { ref, writer, stats, unmount };
+}
 
+/** what qemu-img says of the image written through streamInto: clean and equal to the reference */
+function checkAndCompare(t: Test, img: string, ref: string): void {
   const chk = run('qemu-img', ['check', '--output', 'json', img]);
   t.equal(chk.code, 0, `qemu-img check clean, no leaks: ${chk.stdout}${chk.stderr}`);
   t.equal(run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', img, ref]).code, 0, 'qemu-img compare: identical');
+}
+
+t.test('sequential writes into an empty qcow2 go native; unwritten windows are given back', { skip: canMount ? false : 'needs /dev/fuse and root' }, async (t) => {
+  const d = tmpdir(t);
+  const img = path.join(d, 'empty.qcow2');
+  t.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '256M']).code, 0);
+  // a stream, a flush in the middle of a linked window, a second stream elsewhere, and a
+  // write that ends in the middle of a cluster
+  const plan = [`0:${40 * MiB}:1`, 'sync', `${40 * MiB}:${3 * MiB}:2`, `${100 * MiB}:${24 * MiB}:3`, `${200 * MiB}:${1 * MiB + 4096}:4`].join(',');
+  const { ref, writer, stats: st, unmount } = await streamInto(t, img, 256 * MiB, plan);
+  t.equal(writer.stdout.trim(), 'ok', `writer: ${writer.stderr}`);
+  t.ok(st && st.nativeWrites >= 40, `most 1 MiB writes were served natively (${JSON.stringify(st)})`);
+  t.equal(unmount.code, 0, 'unmount');
+  checkAndCompare(t, img, ref);
   // allocated exactly where written (whole 64 KiB clusters)
   const map = JSON.parse(run('qemu-img', ['map', '--output', 'json', img]).stdout) as { start: number; length: number; data: boolean }[];
   const data = map.filter((e) => e.data).map((e) => [e.start / MiB, (e.start + e.length) / MiB]);
@@ -89,29 +102,12 @@ t.test('a stream across many L2 tables is linked ahead while it is written', { s
   const d = tmpdir(t);
   const img = path.join(d, 'small-clusters.qcow2');
   t.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, '96M']).code, 0);
-  const ref = path.join(d, 'ref.raw');
-  fs.writeFileSync(ref, '');
-  fs.truncateSync(ref, 96 * MiB);
-  const node = await openImage(img, { readOnly: false });
-  const mnt = path.join(d, 'm');
-  fs.mkdirSync(mnt);
-  const exp = new FuseExport([{ path: 'disk.raw', node, readOnly: false }], { mountpoint: mnt, allowOther: false, fsname: 'imgmount:test' });
-  await exp.start();
-  let mounted = true;
-  t.teardown(async () => { if (mounted) { await child('umount', ['-l', mnt]); await exp.stop(); await node.close(); } });
-  const w = await child('python3', ['-c', WRITER, path.join(mnt, 'disk.raw'), ref, `0:${64 * MiB}:7`]);
-  t.equal(w.stdout.trim(), 'ok', `writer: ${w.stderr}`);
-  const st = exp.stats();
+  const { ref, writer, stats: st, unmount } = await streamInto(t, img, 96 * MiB, `0:${64 * MiB}:7`);
+  t.equal(writer.stdout.trim(), 'ok', `writer: ${writer.stderr}`);
   // 32 L2 tables: linked only when a write misses, a request per table would reach JavaScript
   t.ok(st && st.jsRequests <= 8 && st.nativeWrites >= 56, `the stream ran natively past every table boundary (${JSON.stringify(st)})`);
-  t.equal((await child('umount', [mnt])).code, 0, 'unmount');
-  await exp.wait();
-  await exp.stop();
-  await node.close();
-  mounted = false;
-  const chk = run('qemu-img', ['check', '--output', 'json', img]);
-  t.equal(chk.code, 0, `qemu-img check clean, no leaks: ${chk.stdout}${chk.stderr}`);
-  t.equal(run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', img, ref]).code, 0, 'qemu-img compare: identical');
+  t.equal(unmount.code, 0, 'unmount');
+  checkAndCompare(t, img, ref);
   const map = JSON.parse(run('qemu-img', ['map', '--output', 'json', img]).stdout) as { start: number; length: number; data: boolean }[];
   // (map splits where the host offsets jump over an L2 table: join what touches in the guest)
   const spans: number[][] = [];
