@@ -429,6 +429,12 @@ async function imgmountInfoSkip(image: string, format: string): Promise<string |
   return `\`imgmount info -f ${format}\` fails on the image (exit ${r.code}${line ? `: ${line}` : ''})`;
 }
 
+/** a write-once scenario: fio fills a fresh image once per run (runScenario settles memory
+ *  before each run, adds a warm-up round and keeps the round count even for these) */
+const WRITE_ONCE: Pick<Scenario, 'minRounds' | 'jobs' | 'freshPerRun' | 'once'> = {
+  minRounds: 12, jobs: ['seqwrite'], freshPerRun: true, once: true,
+};
+
 const SCENARIOS: Scenario[] = [
   {
     name: 'raw',
@@ -451,16 +457,13 @@ const SCENARIOS: Scenario[] = [
     name: 'qcow2-alloc',
     format: 'qcow2',
     description: 'allocating writes: fio writes the whole of an empty 1 GiB qcow2 once (fresh image per run; '
-      + 'at least 12 rounds, as a run lasts about a second)',
+      + `at least ${WRITE_ONCE.minRounds} rounds, as a run lasts about a second)`,
     async prepare(dir) {
       const f = path.join(dir, 'empty.qcow2');
       await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, '1G'], 60);
       return f;
     },
-    minRounds: 12,
-    jobs: ['seqwrite'],
-    freshPerRun: true,
-    once: true,
+    ...WRITE_ONCE,
     skipReason: (image) => imgmountInfoSkip(image, 'qcow2'),
   },
   {
@@ -474,10 +477,7 @@ const SCENARIOS: Scenario[] = [
       fs.truncateSync(f, 1 << 30);
       return f;
     },
-    minRounds: 12,
-    jobs: ['seqwrite'],
-    freshPerRun: true,
-    once: true,
+    ...WRITE_ONCE,
     skipReason: (image) => imgmountInfoSkip(image, 'raw'),
   },
   {
@@ -650,7 +650,7 @@ function report(o: Options, all: ScenarioResult[], machineLines: string[], comma
     + `imgmount \`-r\`) on copies of the same image. fio `
     + `with \`ioengine=libaio, direct=1\`, ${o.runtime} s time-based after a 1 s ramp, size = the whole disk. `
     + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
-    + `Write-once scenarios (a fresh image per run) run an even number of rounds, at least 12 (a run that followed the same `
+    + `Write-once scenarios (a fresh image per run) run an even number of rounds, at least ${WRITE_ONCE.minRounds} (a run that followed the same `
     + `side's run was often slow, on both sides: an odd count would give one side an extra slow sample), `
     + `begin with an uncounted round, delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
     + `one: on this VM, memory just freed is handed back to the hypervisor for a moment, and a run allocating meanwhile `
