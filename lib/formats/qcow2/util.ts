@@ -120,4 +120,21 @@ export function allZero(b: Buffer, start: number, end: number): boolean {
   return true;
 }
 
+/** the host offsets of the non-zero 8-byte entries among the first `count` of a table (L1,
+ *  refcount table), in order; runs of empty entries are skipped in bulk, as most are empty */
+export function tableOffsets(b: Buffer, count: number): number[] {
+  const out: number[] = [];
+  const end = Math.min(count * 8, b.length);
+  const CHUNK = 512;
+  for (let c = 0; c < end; c += CHUNK) {
+    const ce = Math.min(end, c + CHUNK);
+    if (allZero(b, c, ce)) continue;
+    for (let at = c; at < ce; at += 8) {
+      const off = entryOffset(b.readUInt32BE(at), b.readUInt32BE(at + 4));
+      if (off) out.push(off);
+    }
+  }
+  return out;
+}
+
 export const maxRef = (order: number): number => (order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (1 << order) - 1);
