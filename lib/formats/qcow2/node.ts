@@ -933,7 +933,11 @@ export class Qcow2Node implements BlockNode {
         const gc = Math.floor(p / cs);
         if (Math.floor(gc / this.l2Entries) !== l1i || this.allocInflight.has(gc)) break;
         const inf = this.decode(t.buf, gc % this.l2Entries);
-        if (!(inf.kind === 'unalloc' || (inf.kind === 'zero' && !inf.has))) break;
+        if (!(inf.kind === 'unalloc' || (inf.kind === 'zero' && !inf.has))) {
+          // linked ahead while this request waited for the lock: an in-place write now
+          if (!items.length && this.inPlace(inf, p, Math.min(cs - (p % cs), buf.length))) return 'busy';
+          break;
+        }
         items.push({ gc, idx: gc % this.l2Entries });
         done += Math.min(cs - (p % cs), buf.length - done);
       }
@@ -945,8 +949,11 @@ export class Qcow2Node implements BlockNode {
       // of a sequential stream (requests of a queue arrive slightly out of order)
       const prev = gcFirst - 1;
       const near = Math.abs(pos - this.streamEnd) <= STREAM_SLACK;
+      // (so is a write at the start of an empty L2 table, as the first write of a guest
+      // filling an empty disk: its queue's next requests find the window mapped already)
       const continues = near || (prev >= 0 && (this.allocInflight.has(prev) ||
-        (Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal')));
+        (Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal'))) ||
+        (gcFirst % this.l2Entries === 0 && allZero(t.buf, 0, t.buf.length));
       // (requests of the same stream that arrive late land near a window: not a break)
       const nearWindow = this.prelinked.some((ch) => pos >= ch.entries[0].gc * cs - STREAM_SLACK &&
         pos <= (ch.entries[ch.entries.length - 1].gc + 1) * cs + STREAM_SLACK);
