@@ -47,6 +47,8 @@ interface FileState {
 }
 
 const RECENT_INVALIDATIONS = 64;
+/** what a write served in JavaScript maps around itself (aligned) */
+const WRITE_MAP_SPAN = 1 << 20;
 
 export class FuseExport {
   private nat: NativeAddon;
@@ -220,8 +222,14 @@ export class FuseExport {
           this.reply(r.id, 0, len);
           s.dirtyBlocks = true;
           this.scheduleBlocks();
-          // map just what was written, so overwrites of it take the native path
-          if (len) this.mapRange(r.file, r.offset, r.offset + len, 64).catch((e) => debug('learn: %s', (e as Error).message));
+          // map the aligned neighbourhood of what was written, so overwrites of it (and of the
+          // rest of a cluster it allocated: random 4 KiB writes into an empty qcow2 went to
+          // JavaScript 98 times in 100 when only the 4 KiB written was mapped) go native
+          if (len) {
+            const start = Math.floor(r.offset / WRITE_MAP_SPAN) * WRITE_MAP_SPAN;
+            const end = Math.min(node.size, Math.ceil((r.offset + len) / WRITE_MAP_SPAN) * WRITE_MAP_SPAN);
+            this.mapRange(r.file, start, end, 64).catch((e) => debug('learn: %s', (e as Error).message));
+          }
           return;
         }
         case 'fsync':
