@@ -27,6 +27,8 @@ const POOL_MAX_BYTES = 256 << 20;
 const PRELINK_FIRST_BYTES = 16 << 20;
 /** how far from the end of the last allocating write a write still counts as sequential */
 const STREAM_SLACK = 16 << 20;
+/** a write at least this long right after allocated data starts a stream (see writeAllocPipelined) */
+const STREAM_LARGE_WRITE = 256 << 10;
 
 /** clusters of one L2 table linked ahead of a sequential write (see prelink) */
 interface Prelinked {
@@ -945,14 +947,17 @@ export class Qcow2Node implements BlockNode {
       await this.markDirty();
       // whole clusters: the rest of a new cluster changes its mapping too (see linkAlloc)
       this.mapInvalidator?.(items[0].gc * cs, Math.min(items.length * cs, this._size - items[0].gc * cs));
-      // a write that continues allocated data, or lands near the last one, is taken as part
-      // of a sequential stream (requests of a queue arrive slightly out of order)
+      // A write that lands near the last allocating one, or next to a request of its queue
+      // still allocating, is taken as part of a sequential stream (requests of a queue arrive
+      // slightly out of order); so is a large write right after allocated data, and a write
+      // at the start of an empty L2 table (the first write of a guest filling an empty disk:
+      // its queue's next requests find the window mapped already). A small write after
+      // allocated data alone is not: random writes into a filling disk often are, and each
+      // would link a window only for the next one to give it back.
       const prev = gcFirst - 1;
       const near = Math.abs(pos - this.streamEnd) <= STREAM_SLACK;
-      // (so is a write at the start of an empty L2 table, as the first write of a guest
-      // filling an empty disk: its queue's next requests find the window mapped already)
-      const continues = near || (prev >= 0 && (this.allocInflight.has(prev) ||
-        (Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal'))) ||
+      const continues = near || (prev >= 0 && (this.allocInflight.has(prev) || (done >= STREAM_LARGE_WRITE &&
+        Math.floor(prev / this.l2Entries) === l1i && this.decode(t.buf, prev % this.l2Entries).kind === 'normal'))) ||
         (gcFirst % this.l2Entries === 0 && allZero(t.buf, 0, t.buf.length));
       // (requests of the same stream that arrive late land near a window: not a break)
       const nearWindow = this.prelinked.some((ch) => pos >= ch.entries[0].gc * cs - STREAM_SLACK &&
