@@ -432,7 +432,7 @@ async function imgmountInfoSkip(image: string, format: string): Promise<string |
 /** a write-once scenario: fio fills a fresh image once per run (runScenario settles memory
  *  before each run, adds a warm-up round and keeps the round count even for these) */
 const WRITE_ONCE: Pick<Scenario, 'minRounds' | 'jobs' | 'freshPerRun' | 'once'> = {
-  minRounds: 12, jobs: ['seqwrite'], freshPerRun: true, once: true,
+  minRounds: 12, jobs: ['seqwrite', 'randwrite'], freshPerRun: true, once: true,
 };
 
 const SCENARIOS: Scenario[] = [
@@ -456,8 +456,9 @@ const SCENARIOS: Scenario[] = [
   {
     name: 'qcow2-alloc',
     format: 'qcow2',
-    description: 'allocating writes: fio writes the whole of an empty 1 GiB qcow2 once (fresh image per run; '
-      + `at least ${WRITE_ONCE.minRounds} rounds, as a run lasts about a second)`,
+    description: 'allocating writes: fio writes the whole of an empty 1 GiB qcow2 once, in order (1 MiB) and in random '
+      + `order (4 KiB, every block once); fresh image per run, at least ${WRITE_ONCE.minRounds} rounds, as a sequential run `
+      + 'lasts about a second',
     async prepare(dir) {
       const f = path.join(dir, 'empty.qcow2');
       await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', f, '1G'], 60);
@@ -469,7 +470,7 @@ const SCENARIOS: Scenario[] = [
   {
     name: 'raw-alloc',
     format: 'raw',
-    description: 'the same write-once job on a sparse 1 GiB raw file (fresh per run): what the file system allows '
+    description: 'the same write-once jobs on a sparse 1 GiB raw file (fresh per run): what the file system allows '
       + 'without any format metadata, for comparison with qcow2-alloc',
     async prepare(dir) {
       const f = path.join(dir, 'empty.raw');
