@@ -48,6 +48,8 @@ export function removeState(mountpoint: string, pid?: number): void {
   const st = readState(mountpoint);
   if (st && pid !== undefined && st.pid !== pid) return;
   try { fs.unlinkSync(stateFile(mountpoint)); } catch { /* already gone */ }
+  // a server that was killed left its control socket behind (one that exits closes it)
+  try { fs.unlinkSync(controlSocket(mountpoint)); } catch { /* already gone */ }
 }
 
 export function processAlive(pid: number): boolean {

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { openImage } from '../../lib/core/graph';
 import { FuseExport } from '../../lib/fuse/export';
+import { controlSocket } from '../../lib/fuse/runtime';
 import { imgmount, isMounted, killServerWhileWriting, mount, run, tmpdir } from '../helpers';
 
 const canMount = fs.existsSync('/dev/fuse') && process.geteuid?.() === 0;
@@ -147,6 +148,7 @@ t.test('kill -9 while a sequential stream is being linked ahead: at most leaks',
   t.equal(run('qemu-img', ['create', '-q', '-f', 'qcow2', img, '512M']).code, 0);
   const mnt = path.join(d, 'm');
   t.equal(mount(t, img, mnt).code, 0);
+  t.ok(fs.existsSync(controlSocket(mnt)), 'the server listens on its control socket');
   // sequential 1 MiB writes with an fsync now and then, round and round
   const killed = await killServerWhileWriting(mnt, `
 import mmap, os, sys
@@ -165,6 +167,7 @@ except OSError:
   t.ok(killed.pid, 'server state found');
   t.equal(killed.unmount.code, 0, 'unmount cleans up the dead mount');
   t.notOk(isMounted(mnt));
+  t.notOk(fs.existsSync(controlSocket(mnt)), 'the dead server\'s control socket is gone too');
   const c = run('qemu-img', ['check', img]);
   t.ok(c.code === 0 || c.code === 3, `qemu-img check exit ${c.code} (0 or 3 = leaks only): ${c.stdout.split('\n').slice(-4).join(' ')}`);
   t.notMatch(c.stdout, /ERROR/, 'no corruption reported');
