@@ -210,6 +210,8 @@ export class QedNode implements BlockNode {
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
+      const busy = this.allocating.get(Math.floor(pos / this.cs));
+      if (busy) { await busy; continue; }
       const l = await this.lookup(pos);
       if (l.kind === 'data') {
         const n = Math.min(this.cs - (pos % this.cs), buf.length - done);
@@ -217,45 +219,72 @@ export class QedNode implements BlockNode {
         done += n;
         continue;
       }
-      done += await this.mutex.run(() => this.allocWrite(buf.subarray(done), pos));
+      // 0: the cluster became data or another request is allocating it: look again
+      done += await this.allocWrite(buf.subarray(done), pos);
     }
   }
+
+  // Allocating writes are pipelined, as qemu's: the clusters are reserved at the end of the
+  // file under the mutex, the data is written outside it (so the queue's other allocations
+  // overlap theirs), and the L2 entries are set under the mutex again, after the data is in
+  // place. Until then the clusters are listed here: a request touching one waits for it
+  // instead of allocating it a second time.
+  private allocating = new Map<number, Promise<void>>();
 
   /** allocating write of a run of non-data clusters at the start of `buf`; returns bytes consumed */
   private async allocWrite(buf: Uint8Array, pos: number): Promise<number> {
     const cs = this.cs;
-    const start = pos - (pos % cs);
-    const kinds: Lookup[] = [];
-    let end = start;
-    while (end < pos + buf.length && end - start < MAX_BATCH) {
-      const l = await this.lookup(end);
-      if (l.kind === 'data') break;
-      kinds.push(l);
-      end += cs;
+    const plan = await this.mutex.run(async () => {
+      const start = pos - (pos % cs);
+      const kinds: Lookup[] = [];
+      let end = start;
+      while (end < pos + buf.length && end - start < MAX_BATCH && !this.allocating.has(end / cs)) {
+        const l = await this.lookup(end);
+        if (l.kind === 'data') break;
+        kinds.push(l);
+        end += cs;
+      }
+      if (!kinds.length) return null;
+      const consumed = Math.min(end, pos + buf.length) - pos;
+      this.mapInvalidator?.(start, end - start);
+      await this.markNeedCheck();
+      const data = Buffer.alloc(end - start);
+      // head and tail come from the backing file unless the cluster is a zero cluster
+      const head = pos - start;
+      const tailStart = pos + consumed;
+      if (head > 0 && kinds[0].kind === 'unalloc') await this.fromBacking(data.subarray(0, head), start);
+      if (tailStart < end && kinds[kinds.length - 1].kind === 'unalloc') {
+        await this.fromBacking(data.subarray(tailStart - start), tailStart);
+      }
+      data.set(buf.subarray(0, consumed), head);
+      const host = this.fileSize;
+      this.fileSize += end - start;
+      let release!: () => void;
+      const settled = new Promise<void>((r) => { release = r; });
+      for (let c = start / cs; c < end / cs; c++) this.allocating.set(c, settled);
+      return { start, end, kinds, consumed, data, host, release };
+    });
+    if (!plan) return 0;
+    try {
+      await this.file.write!(plan.data, plan.host);
+      await this.mutex.run(() => this.linkAlloc(plan.start, plan.kinds.length, plan.host));
+    } finally {
+      for (let c = plan.start / cs; c < plan.end / cs; c++) this.allocating.delete(c);
+      plan.release();
     }
-    if (!kinds.length) return 0; // became data meanwhile: the caller writes in place
-    const consumed = Math.min(end, pos + buf.length) - pos;
-    this.mapInvalidator?.(start, end - start);
-    await this.markNeedCheck();
-    const data = Buffer.alloc(end - start);
-    // head and tail come from the backing file unless the cluster is a zero cluster
-    const head = pos - start;
-    const tailStart = pos + consumed;
-    if (head > 0 && kinds[0].kind === 'unalloc') await this.fromBacking(data.subarray(0, head), start);
-    if (tailStart < end && kinds[kinds.length - 1].kind === 'unalloc') {
-      await this.fromBacking(data.subarray(tailStart - start), tailStart);
-    }
-    data.set(buf.subarray(0, consumed), head);
-    const host = this.fileSize;
-    this.fileSize += end - start;
-    await this.file.write!(data, host);
+    return plan.consumed;
+  }
+
+  /** under the mutex: points the L2 entries of n clusters from guest offset start at host */
+  private async linkAlloc(start: number, n: number, host: number): Promise<void> {
+    const cs = this.cs;
     // L2 updates, grouped per L2 table
     let ci = start / cs;
     let k = 0;
-    while (k < kinds.length) {
+    while (k < n) {
       const l1i = Math.floor(ci / this.nelems);
       const first = ci % this.nelems;
-      const cnt = Math.min(kinds.length - k, this.nelems - first);
+      const cnt = Math.min(n - k, this.nelems - first);
       const vals: number[] = [];
       for (let j = 0; j < cnt; j++) vals.push(host + (k + j) * cs);
       let l2 = await this.entry(this.hdr.l1Offset, l1i);
@@ -273,7 +302,11 @@ export class QedNode implements BlockNode {
       k += cnt;
       ci += cnt;
     }
-    return consumed;
+  }
+
+  /** waits until no allocating write is in flight */
+  private async allocationsDone(): Promise<void> {
+    while (this.allocating.size) await Promise.allSettled([...this.allocating.values()]);
   }
 
   private async fromBacking(b: Buffer, pos: number): Promise<void> {
@@ -319,7 +352,8 @@ export class QedNode implements BlockNode {
     if (this.readOnly) return;
     await this.mutex.run(async () => {
       await this.file.flush?.();
-      if (this.hdr.features & F_NEED_CHECK) {
+      // with allocations still in flight the bit stays (the next flush clears it)
+      if (this.hdr.features & F_NEED_CHECK && this.allocating.size === 0) {
         this.hdr.features &= ~F_NEED_CHECK;
         await this.writeHeader();
         await this.file.flush?.();
@@ -330,6 +364,7 @@ export class QedNode implements BlockNode {
   /** after commit: every cluster unallocated again, the file cut back to header and L1 table */
   async makeEmpty(): Promise<void> {
     if (this.readOnly) throw new ImgError('readonly', 'qed: the image is opened read-only');
+    await this.allocationsDone();
     await this.mutex.run(async () => {
       this.mapInvalidator?.(0, this.size);
       await this.file.write!(Buffer.alloc(this.tableBytes), this.hdr.l1Offset);
@@ -392,6 +427,7 @@ export class QedNode implements BlockNode {
     if (this.closed) return;
     this.closed = true;
     try {
+      await this.allocationsDone();
       if (!this.readOnly) await this.flush();
     } finally {
       this.cache.clear();
