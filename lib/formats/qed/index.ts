@@ -262,12 +262,12 @@ export class QedNode implements BlockNode {
       let release!: () => void;
       const settled = new Promise<void>((r) => { release = r; });
       for (let c = start / cs; c < end / cs; c++) this.allocating.set(c, settled);
-      return { start, end, kinds, consumed, data, host, release };
+      return { start, end, consumed, data, host, release };
     });
     if (!plan) return 0;
     try {
       await this.file.write!(plan.data, plan.host);
-      await this.mutex.run(() => this.linkAlloc(plan.start, plan.kinds.length, plan.host));
+      await this.mutex.run(() => this.linkAlloc(plan.start, (plan.end - plan.start) / cs, plan.host));
     } finally {
       for (let c = plan.start / cs; c < plan.end / cs; c++) this.allocating.delete(c);
       plan.release();
