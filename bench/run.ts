@@ -555,8 +555,10 @@ const SCENARIOS: Scenario[] = [
 interface JobResult { job: Job; samples: Record<Side['key'], Sample[]> }
 interface ScenarioResult { scenario: Scenario; skipped: string | null; results: JobResult[]; size: number }
 
-/** the pause before a write-once run (see runScenario) */
-const SETTLE_MS = 3000;
+/** how long after the last write-once image was deleted the next write-once fio starts (see
+ *  runScenario): 3 s (paused before mounting) left imgmount behind in every pair after the
+ *  qcow2 scenario; from 4.5 s on both sides ran at full speed */
+const SETTLE_MS = 6000;
 
 async function copyImage(src: string, dst: string): Promise<void> {
   try { fs.unlinkSync(dst); } catch { /* none */ }
@@ -592,6 +594,8 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
   // effect (the run that follows the same side's run was slow, on both sides), so an odd
   // count would give one side one more slow sample: those scenarios run an even count.
   if (sc.freshPerRun && rounds % 2) rounds++;
+  /** when the last write-once image was deleted (the scenarios before freed memory too) */
+  let freedAt = Date.now();
   // write-once scenarios start with an uncounted round: the first allocations after the
   // scenarios before (which freed several GiB) were slow on both sides
   for (let round = sc.freshPerRun ? -1 : 0; round < rounds; round++) {
@@ -601,21 +605,27 @@ async function runScenario(sc: Scenario, base: string, o: Options): Promise<Scen
         checkAbort();
         if (sc.freshPerRun) await copyImage(master, images[side.key]);
         await dropCaches(o);
-        // memory freed just before (the last run's image) is still being handed back to the
-        // hypervisor for a moment on a VM; a run that allocates while that goes on is slowed
-        // at random, so every write-once run starts from memory that has settled
-        if (sc.freshPerRun) await sleep(SETTLE_MS);
         checkAbort();
         const m = await side.mount(images[side.key], sc, base, dir, o);
         let s: Sample;
         try {
+          // memory freed just before (the last run's image) is handed back to the hypervisor
+          // in passes for some seconds on a VM, and a run that allocates meanwhile is slowed
+          // at random. fio starts the same time after that free on both sides: a pause before
+          // mounting instead let the side that mounts more slowly (imgmount starts Node) run
+          // later into that window every time, and lose in every pair
+          if (sc.freshPerRun) await sleep(Math.max(0, freedAt + SETTLE_MS - Date.now()));
+          checkAbort();
           s = await fio(jr.job, m.file, size, o, !!sc.once);
         } finally {
           await m.stop();
         }
         if (m.jsRequests !== undefined) s.js = m.jsRequests;
         // the image goes at once, so no run allocates next to the other side's image
-        if (sc.freshPerRun) { try { fs.unlinkSync(images[side.key]); } catch { /* none */ } }
+        if (sc.freshPerRun) {
+          try { fs.unlinkSync(images[side.key]); } catch { /* none */ }
+          freedAt = Date.now();
+        }
         if (round >= 0) jr.samples[side.key].push(s);
         log(`${sc.name} ${round >= 0 ? `round ${round + 1}/${rounds}` : 'warm-up round (not counted)'} ${jr.job.name} ${side.label}: ${s.mibs.toFixed(1)} MiB/s, ${Math.round(s.iops)} IOPS`);
       }
@@ -667,9 +677,10 @@ function report(o: Options, all: ScenarioResult[], machineLines: string[], comma
     + `Each run is: drop the page cache (\`sync; echo 3 > /proc/sys/vm/drop_caches\`), mount, fio, unmount. `
     + `Write-once scenarios (a fresh image per run) run an even number of rounds, at least ${WRITE_ONCE.minRounds} (a run that followed the same `
     + `side's run was often slow, on both sides: an odd count would give one side an extra slow sample), `
-    + `begin with an uncounted round, delete the image right after its run and wait ${SETTLE_MS / 1000} s before the next `
-    + `one: on this VM, memory just freed is handed back to the hypervisor for a moment, and a run allocating meanwhile `
-    + `was slowed at random (by up to half). `
+    + `begin with an uncounted round, delete the image right after its run, and start the next fio ${SETTLE_MS / 1000} s `
+    + `after that deletion on both sides (the mount happens within that time): on this VM, memory just freed is handed `
+    + `back to the hypervisor in passes for some seconds, and a run allocating meanwhile was slowed at random (several times over at worst); `
+    + `a fixed pause before mounting made the side that mounts more slowly start later into that window. `
     + `${o.rounds} round(s); in each round every job runs on both sides, and which side goes first alternates per round. `
     + `Figures are medians over the rounds; ratio = median(imgmount) / median(qemu-storage-daemon) `
     + `(the same for MiB/s and IOPS, as the block size is fixed). Goal: ratio >= ${TARGET} on every job. `
