@@ -24,7 +24,7 @@ const inflateRaw = promisify(zlib.inflateRaw);
 /** the most clusters reserved ahead for allocating writes (see allocDataClusters) */
 const POOL_MAX_BYTES = 256 << 20;
 /** the first window linked ahead of a sequential write (see prelink); it doubles up to the pool */
-const PRELINK_FIRST_BYTES = 16 << 20;
+const PRELINK_FIRST_BYTES = 64 << 20;
 /** how far from the end of the last allocating write a write still counts as sequential */
 const STREAM_SLACK = 16 << 20;
 /** a write at least this long right after allocated data starts a stream (see writeAllocPipelined) */
