@@ -9,6 +9,12 @@ import { chainStatus, discardAt, flushNode, readAt, writeAt, writeZeroesAt } fro
 import type { BlockNode, HostCrypt } from '../core/node';
 import { FuseRequest, FuseServer, loadNative, MAP_CRYPT, MAP_DIRECT, MAP_NOTIFY, MAP_WRITABLE, MAP_ZERO, MAX_CRYPT, NativeAddon, nativeLoadError } from '../core/native';
 
+// Request threads: 4, but no more than the CPUs (at least 2, so one can read the next request
+// while another is in a syscall). Writers of one host file queue on its inode lock and spin
+// there; on a 2-CPU VM whose fresh memory was slow to touch, 2 threads beat 4 in 6 of 6
+// allocating-write runs (e.g. 1202 vs 803 MiB/s) and matched them otherwise.
+const DEFAULT_THREADS = Math.min(4, Math.max(2, os.availableParallelism()));
+
 const debug = createDebug('imgmount:fuse');
 const E = os.constants.errno;
 
@@ -87,7 +93,7 @@ export class FuseExport {
         fsname: this.o.fsname,
         subtype: 'imgmount',
         allowOther: this.o.allowOther,
-        threads: this.o.threads ?? 4,
+        threads: this.o.threads ?? DEFAULT_THREADS,
         maxWrite: MAX_WRITE,
         uid: process.getuid ? process.getuid() : 0,
         gid: process.getgid ? process.getgid() : 0,
